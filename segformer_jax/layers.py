@@ -1,0 +1,232 @@
+"""The blocks of the Mix Transformer (MiT) encoder, one class each, NHWC throughout.
+
+Submodule names follow the Hugging Face hub checkpoint names (transformers 4 layout), so that a
+Flax path reads like the HF key: `block_0_1/attention/self/query/kernel` is
+`segformer.encoder.block.0.1.attention.self.query.weight`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# HF `_init_weights`: Linear ~ trunc_normal(std=initializer_range); Conv2d ~ normal(0, sqrt(2 / fan_out))
+# with fan_out = k*k*out_channels/groups; LayerNorm 1/0; biases 0.
+def dense_init(std: float):
+    return nn.initializers.truncated_normal(stddev=std, lower=-2.0 / std, upper=2.0 / std)
+
+
+def conv_init(kernel_size: int, out_channels: int, groups: int = 1):
+    fan_out = kernel_size * kernel_size * out_channels // groups
+    return nn.initializers.normal(stddev=math.sqrt(2.0 / fan_out))
+
+
+def torch_padding(kernel_size: int):
+    """Torch `Conv2d(padding=k//2)`: symmetric, unlike XLA's 'SAME' for even strides."""
+    p = kernel_size // 2
+    return ((p, p), (p, p))
+
+
+class OverlapPatchEmbed(nn.Module):
+    """Strided conv with overlapping windows (kernel > stride), then LayerNorm (HF `patch_embeddings.i`)."""
+
+    hidden_size: int             # output channels
+    patch_size: int = 7          # conv kernel
+    stride: int = 4              # conv stride
+    layer_norm_eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(self.hidden_size, (self.patch_size, self.patch_size), strides=self.stride,
+                    padding=torch_padding(self.patch_size), dtype=self.dtype,
+                    kernel_init=conv_init(self.patch_size, self.hidden_size), name="proj")(x)
+        return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="layer_norm")(x)
+
+
+class EfficientSelfAttention(nn.Module):
+    """Multi-head self-attention whose keys/values are spatially reduced by a conv with
+    kernel = stride = sr_ratio (+ LayerNorm): cost O(N^2 / sr^2) instead of O(N^2).
+    HF `attention.self`."""
+
+    hidden_size: int
+    num_heads: int
+    sr_ratio: int                # 1 = plain attention
+    attention_dropout: float = 0.0
+    layer_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        b, h, w, c = x.shape
+        head_dim = c // self.num_heads
+        dense = lambda name: nn.Dense(c, dtype=self.dtype, kernel_init=dense_init(self.initializer_range), name=name)
+
+        q = dense("query")(x).reshape(b, h * w, self.num_heads, head_dim)
+        if self.sr_ratio > 1:
+            x = nn.Conv(c, (self.sr_ratio, self.sr_ratio), strides=self.sr_ratio, padding="VALID",
+                        dtype=self.dtype, kernel_init=conv_init(self.sr_ratio, c), name="sr")(x)
+            x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="layer_norm")(x)
+        kv = x.reshape(b, -1, c)
+        k = dense("key")(kv).reshape(b, -1, self.num_heads, head_dim)
+        v = dense("value")(kv).reshape(b, -1, self.num_heads, head_dim)
+
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
+        probs = nn.Dropout(self.attention_dropout, deterministic=not train)(probs)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        return out.reshape(b, h, w, c)
+
+
+class SelfOutput(nn.Module):
+    """Output projection of the attention (HF `attention.output.dense`) and its dropout."""
+
+    hidden_size: int
+    hidden_dropout: float = 0.0
+    initializer_range: float = 0.02
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        x = nn.Dense(self.hidden_size, dtype=self.dtype, kernel_init=dense_init(self.initializer_range),
+                     name="dense")(x)
+        return nn.Dropout(self.hidden_dropout, deterministic=not train)(x)
+
+
+class Attention(nn.Module):
+    """HF `attention`: efficient self-attention (`self`) + output projection (`output`)."""
+
+    hidden_size: int
+    num_heads: int
+    sr_ratio: int
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    layer_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        x = EfficientSelfAttention(self.hidden_size, self.num_heads, self.sr_ratio, self.attention_dropout,
+                                   self.layer_norm_eps, self.initializer_range, self.dtype, name="self")(x, train=train)
+        return SelfOutput(self.hidden_size, self.hidden_dropout, self.initializer_range, self.dtype,
+                          name="output")(x, train=train)
+
+
+def depthwise_conv3x3_shifted(x, kernel, bias):
+    """3x3 depthwise conv (stride 1, zero padding 1) as 9 shifted multiply-adds.
+
+    Same function as the grouped convolution; XLA:CPU runs the grouped conv at under 1 GFLOP/s
+    while this form vectorises over channels."""
+    from segformer_jax import kernels  # local import: kernels may hold a custom VJP
+    return kernels.depthwise_conv3x3(x, kernel, bias)
+
+
+def resolve_depthwise_impl(impl: str) -> str:
+    if impl != "auto":
+        return impl
+    return "shifted" if jax.default_backend() == "cpu" else "native"
+
+
+class DepthwiseConv3x3(nn.Module):
+    """3x3 depthwise conv of Mix-FFN: gives the tokens position information without position
+    embeddings (HF `mlp.dwconv.dwconv`). Parameters are those of `nn.Conv(feature_group_count=C)`."""
+
+    features: int
+    impl: str = "auto"           # 'native' grouped conv | 'shifted' multiply-adds | 'auto' per backend
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", conv_init(3, self.features, self.features), (3, 3, 1, self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if resolve_depthwise_impl(self.impl) == "shifted":
+            return depthwise_conv3x3_shifted(x, kernel, bias)
+        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                         feature_group_count=self.features)
+        return y + bias
+
+
+class MixFFN(nn.Module):
+    """Mix-FFN: dense -> 3x3 depthwise conv -> GELU (exact) -> dense (HF `mlp`)."""
+
+    hidden_size: int
+    mlp_ratio: int = 4
+    hidden_dropout: float = 0.0
+    initializer_range: float = 0.02
+    depthwise_conv_impl: str = "auto"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        hidden = self.hidden_size * self.mlp_ratio
+        drop = nn.Dropout(self.hidden_dropout, deterministic=not train)
+        x = nn.Dense(hidden, dtype=self.dtype, kernel_init=dense_init(self.initializer_range), name="dense1")(x)
+        x = DWConv(hidden, self.depthwise_conv_impl, self.dtype, name="dwconv")(x)
+        x = drop(nn.gelu(x, approximate=False))
+        x = nn.Dense(self.hidden_size, dtype=self.dtype, kernel_init=dense_init(self.initializer_range),
+                     name="dense2")(x)
+        return drop(x)
+
+
+class DWConv(nn.Module):
+    """HF nests the depthwise conv one level deeper (`mlp.dwconv.dwconv`)."""
+
+    features: int
+    impl: str = "auto"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        return DepthwiseConv3x3(self.features, self.impl, self.dtype, name="dwconv")(x)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample, rescale the kept ones."""
+
+    rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        if self.rate == 0.0 or not train:
+            return x
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + DropPath(Attn(LN(x))), then x + DropPath(MixFFN(LN(x)))."""
+
+    hidden_size: int
+    num_heads: int
+    sr_ratio: int
+    mlp_ratio: int = 4
+    drop_path: float = 0.0
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    layer_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    depthwise_conv_impl: str = "auto"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        drop_path = DropPath(self.drop_path)
+        y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="layer_norm_1")(x)
+        y = Attention(self.hidden_size, self.num_heads, self.sr_ratio, self.attention_dropout, self.hidden_dropout,
+                      self.layer_norm_eps, self.initializer_range, self.dtype, name="attention")(y, train=train)
+        x = x + drop_path(y, train=train)
+        y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="layer_norm_2")(x)
+        y = MixFFN(self.hidden_size, self.mlp_ratio, self.hidden_dropout, self.initializer_range,
+                   self.depthwise_conv_impl, self.dtype, name="mlp")(y, train=train)
+        return x + drop_path(y, train=train)

@@ -1,0 +1,71 @@
+"""SegFormer models: the encoder alone, with the all-MLP segmentation head, and with the
+ImageNet classification head of the mit-bX checkpoints. Inputs are float NHWC, ImageNet-normalised."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from segformer_jax.config import SegformerConfig
+from segformer_jax.decode_head import DecodeHead
+from segformer_jax.encoder import MixVisionTransformer, check_images
+from segformer_jax.layers import dense_init
+
+Dtype = Any
+
+
+class SegformerModel(nn.Module):
+    """HF `segformer`: the MiT encoder; returns the four stage features (NHWC)."""
+
+    config: SegformerConfig
+    dtype: Dtype = jnp.float32   # computation dtype; parameters stay float32
+
+    @nn.compact
+    def __call__(self, images, *, train: bool = False):
+        check_images(self.config, images)
+        return MixVisionTransformer(self.config, self.dtype, name="encoder")(images.astype(self.dtype), train=train)
+
+
+class SegformerForSemanticSegmentation(nn.Module):
+    """Encoder + all-MLP decode head. Logits are (B, ceil(H/4), ceil(W/4), num_labels), NHWC."""
+
+    config: SegformerConfig
+    dtype: Dtype = jnp.float32   # computation dtype; parameters stay float32
+
+    @nn.compact
+    def __call__(self, images, *, train: bool = False, output_hidden_states: bool = False):
+        features = SegformerModel(self.config, self.dtype, name="segformer")(images, train=train)
+        logits = DecodeHead(self.config, self.dtype, name="decode_head")(features, train=train)
+        logits = logits.astype(jnp.float32)
+        return (logits, features) if output_hidden_states else logits
+
+
+class SegformerForImageClassification(nn.Module):
+    """Encoder + global average pool + linear classifier (the nvidia/mit-bX ImageNet checkpoints)."""
+
+    config: SegformerConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images, *, train: bool = False):
+        features = SegformerModel(self.config, self.dtype, name="segformer")(images, train=train)
+        pooled = features[-1].mean(axis=(1, 2))
+        logits = nn.Dense(self.config.num_labels, dtype=self.dtype, kernel_init=dense_init(self.config.initializer_range),
+                          name="classifier")(pooled)
+        return logits.astype(jnp.float32)
+
+
+ARCHITECTURES = {
+    "SegformerForSemanticSegmentation": SegformerForSemanticSegmentation,
+    "SegformerForImageClassification": SegformerForImageClassification,
+    "SegformerModel": SegformerModel,
+}
+
+
+def architecture_name(model: nn.Module) -> str:
+    for name, cls in ARCHITECTURES.items():
+        if type(model) is cls:
+            return name
+    raise TypeError(f"{type(model).__name__} is not a SegFormer model class ({', '.join(ARCHITECTURES)})")

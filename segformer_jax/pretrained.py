@@ -1,0 +1,219 @@
+"""`from_pretrained` / `save_pretrained`: Hugging Face directories and our own Orbax format.
+
+    model, variables = from_pretrained("path/to/hf_or_flax_dir")
+    save_pretrained(model, variables, "out", format="hf")    # transformers can load it
+    save_pretrained(model, variables, "out", format="flax")  # Orbax + config.json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from segformer_jax.config import ConfigError, SegformerConfig
+from segformer_jax.model import ARCHITECTURES, architecture_name
+
+logger = logging.getLogger("segformer_jax")
+
+FLAX_WEIGHTS_DIR = "flax_variables"   # Orbax checkpoint inside a directory saved with format="flax"
+CONFIG_NAME = "config.json"
+_INIT_SIZE = 64                       # image side used to trace shapes / initialise fresh parts
+
+
+def init_variables(model, seed: int = 0) -> dict[str, Any]:
+    """Freshly initialised variables (HF's initialisation scheme)."""
+    images = jnp.zeros((1, _INIT_SIZE, _INIT_SIZE, model.config.num_channels), jnp.float32)
+    return jax.jit(model.init)(jax.random.key(seed), images)
+
+
+def variable_shapes(model) -> dict[str, Any]:
+    images = jax.ShapeDtypeStruct((1, _INIT_SIZE, _INIT_SIZE, model.config.num_channels), jnp.float32)
+    return jax.eval_shape(model.init, jax.random.key(0), images)
+
+
+def _read_source(path: str, config: SegformerConfig | None):
+    """-> (config, source architecture, torch-style state dict, source format or None)."""
+    from weights_convert import checkpoint_io
+    from weights_convert.convert import flax_to_torch_state
+
+    if os.path.isfile(path):
+        if config is None:
+            raise ConfigError(f"{path} is a bare weights file: pass config=SegformerConfig(...) (or a preset), "
+                              "or give the directory that holds it with its config.json")
+        return config, None, checkpoint_io.load_state_dict(path)
+    config_path = os.path.join(path, CONFIG_NAME)
+    if config is None:
+        if not os.path.isfile(config_path):
+            raise ConfigError(f"{path} has no {CONFIG_NAME}: is it a Hugging Face / segformer_jax model directory?")
+        config = SegformerConfig.from_json_file(config_path)
+    arch = None
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            arch = (json.load(f).get("architectures") or [None])[0]
+    flax_dir = os.path.join(path, FLAX_WEIGHTS_DIR)
+    if os.path.isdir(flax_dir):
+        import orbax.checkpoint as ocp
+        try:
+            tree = ocp.StandardCheckpointer().restore(os.path.abspath(flax_dir))
+        except Exception as e:  # orbax raises many types for damaged checkpoints
+            raise checkpoint_io.CheckpointFileError(f"{flax_dir} is not a readable Orbax checkpoint ({e})") from None
+        # One checking path for both formats: the Flax tree is named through the same key table.
+        return config, arch, flax_to_torch_state(tree)
+    return config, arch, checkpoint_io.load_state_dict(checkpoint_io.find_weights_file(path))
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    *,
+    architecture: str | None = None,
+    num_labels: int | None = None,
+    id2label: Mapping[int, str] | None = None,
+    reinit: Iterable[str] = (),
+    config: SegformerConfig | None = None,
+    dtype: Any = jnp.float32,
+    seed: int = 0,
+    source_format: str | None = None,
+    **config_overrides,
+):
+    """Load a SegFormer from a Hugging Face directory (config.json + model.safetensors or
+    pytorch_model.bin, hub or transformers-5 names), a directory saved by `save_pretrained`, or a
+    bare weights file with `config=`. Returns (model, variables).
+
+    architecture: 'SegformerForSemanticSegmentation' (default, also for encoder-only and ImageNet
+        mit-bX checkpoints, whose decode head is then freshly initialised),
+        'SegformerForImageClassification' or 'SegformerModel'.
+    num_labels / id2label: a new label set; the classifier is re-initialised (and it says so).
+    reinit: regexes on Flax paths ('params/decode_head/...') to re-initialise instead of loading.
+    config: use this architecture instead of the directory's config.json (required for bare files).
+    source_format: 'hf' or a registered format such as NVlabs originals; detected when None.
+    config_overrides: other SegformerConfig fields, e.g. drop_path_rate=0.1, layer_norm_eps=1e-6.
+    """
+    from weights_convert.convert import torch_state_to_flax
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: give a Hugging Face model directory (config.json + "
+                                "model.safetensors / pytorch_model.bin) or one written by save_pretrained")
+    source_config, source_arch, state = _read_source(path, config)
+
+    changes = dict(config_overrides)
+    if id2label is not None:
+        changes["id2label"] = {int(k): v for k, v in id2label.items()}
+        changes["num_labels"] = len(id2label)
+    if num_labels is not None:
+        if id2label is not None and num_labels != len(id2label):
+            raise ConfigError(f"num_labels={num_labels} but id2label has {len(id2label)} names")
+        changes["num_labels"] = num_labels
+    try:
+        target_config = source_config.replace(**changes) if changes else source_config
+    except TypeError as e:
+        raise ConfigError(f"from_pretrained: {e}") from None
+
+    architecture = architecture or "SegformerForSemanticSegmentation"
+    if architecture not in ARCHITECTURES:
+        raise ConfigError(f"architecture={architecture!r}; choose one of {sorted(ARCHITECTURES)}")
+    model = ARCHITECTURES[architecture](target_config, dtype=dtype)
+
+    has_decode_head = any(k.startswith("decode_head.") for k in state)
+    has_classifier = any(k.startswith("classifier.") for k in state)
+    skip, ignore_unused, allow_missing = list(reinit), [], []
+    labels_changed = target_config.num_labels != source_config.num_labels
+    if architecture == "SegformerForSemanticSegmentation":
+        ignore_unused.append(r"^classifier\.")            # an ImageNet head has no use here
+        if not has_decode_head:
+            allow_missing.append(r"^(params|batch_stats)/decode_head/")
+        elif labels_changed:
+            skip.append(r"^params/decode_head/classifier/")
+    elif architecture == "SegformerForImageClassification":
+        ignore_unused.append(r"^decode_head\.")
+        if not has_classifier:
+            allow_missing.append(r"^params/classifier/")
+        elif labels_changed:
+            skip.append(r"^params/classifier/")
+    else:
+        ignore_unused.append(r"^(decode_head|classifier)\.")
+
+    loaded, report = torch_state_to_flax(state, variable_shapes(model), source_format=source_format,
+                                         skip_targets=skip, ignore_unused=ignore_unused, allow_missing=allow_missing)
+    fresh_paths = report["skipped"] + report["missing"]
+    if fresh_paths:
+        logger.warning("%s: newly initialised (not in the checkpoint or re-initialised on request), train them "
+                       "before use:\n    %s", path, "\n    ".join(fresh_paths))
+        fresh = init_variables(model, seed)
+        from weights_convert.convert import flatten_variables, unflatten_variables
+        flat = flatten_variables(loaded)
+        flat_fresh = flatten_variables(fresh)
+        for name in fresh_paths:
+            collection, _, p = name.partition("/")
+            flat[(collection, p)] = flat_fresh[(collection, p)]
+        loaded = unflatten_variables(flat)
+    if report["unused"]:
+        logger.warning("%s: checkpoint tensors not used by %s:\n    %s", path, architecture,
+                       "\n    ".join(report["unused"]))
+    variables = jax.tree_util.tree_map(jnp.asarray, loaded)
+    return model, variables
+
+
+def _check_fits(model, variables) -> None:
+    from weights_convert.convert import ConversionError, flatten_variables
+    want = {k: tuple(v.shape) for k, v in flatten_variables(variable_shapes(model)).items()}
+    have = {k: tuple(np.shape(v)) for k, v in flatten_variables(variables).items()}
+    problems = [f"{'/'.join(k)}: missing" for k in want.keys() - have.keys()]
+    problems += [f"{'/'.join(k)}: not a variable of this model" for k in have.keys() - want.keys()]
+    problems += [f"{'/'.join(k)}: shape {have[k]}, model expects {want[k]}"
+                 for k in want.keys() & have.keys() if have[k] != want[k]]
+    if problems:
+        raise ConversionError("variables do not fit the model; nothing was written:\n    " + "\n    ".join(sorted(problems)))
+
+
+def save_pretrained(model, variables: Mapping[str, Any], out_dir: str | os.PathLike, format: str = "flax",
+                    *, overwrite: bool = False) -> str:
+    """Write `model` + `variables` to `out_dir` atomically (all or nothing).
+
+    format='flax': config.json + an Orbax checkpoint (`flax_variables/`), read back by from_pretrained.
+    format='hf': config.json + model.safetensors with hub key names; transformers'
+        `SegformerFor*.from_pretrained(out_dir)` loads it.
+    """
+    from weights_convert import checkpoint_io
+    from weights_convert.convert import flax_to_torch_state
+
+    if format not in ("flax", "hf"):
+        raise ValueError(f"format={format!r}; choose 'flax' or 'hf'")
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists and is not empty; pass overwrite=True to replace it")
+    variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+    _check_fits(model, variables)
+    arch = architecture_name(model)
+
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        host = jax.tree_util.tree_map(np.asarray, jax.device_get(variables))
+        if format == "hf":
+            checkpoint_io.save_safetensors(flax_to_torch_state(host), os.path.join(staging, "model.safetensors"))
+            config_text = model.config.to_json_string(arch)
+        else:
+            import orbax.checkpoint as ocp
+            checkpointer = ocp.StandardCheckpointer()
+            checkpointer.save(os.path.join(staging, FLAX_WEIGHTS_DIR), host)
+            checkpointer.wait_until_finished()
+            config_text = model.config.to_json_string(arch, with_impl=True)
+        with open(os.path.join(staging, CONFIG_NAME), "w") as f:
+            f.write(config_text)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir) if os.path.isdir(out_dir) else os.remove(out_dir)
+        os.rename(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
