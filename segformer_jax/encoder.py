@@ -46,25 +46,39 @@ def check_images(config: SegformerConfig, images) -> None:
 
 
 class MixVisionTransformer(nn.Module):
-    """HF `segformer.encoder`: returns the four stage outputs, NHWC."""
+    """HF `segformer.encoder`: four stages, each patch embedding -> blocks -> LayerNorm.
+    Returns the four stage outputs, NHWC, at strides 4, 8, 16, 32."""
 
     config: SegformerConfig
     dtype: Dtype = jnp.float32   # computation dtype (parameters stay float32)
 
-    @nn.compact
-    def __call__(self, x, *, train: bool = False) -> tuple[jnp.ndarray, ...]:
+    def setup(self):
         cfg = self.config
-        drop_path_rates = cfg.drop_path_rates
+        rates = cfg.drop_path_rates
         offsets = np.cumsum((0,) + cfg.depths)
+        # Lists of submodules are named `{attribute}_{index}`: patch_embeddings_0, block_2_5, layer_norm_3.
+        self.patch_embeddings = [
+            OverlapPatchEmbed(cfg.hidden_sizes[i], cfg.patch_sizes[i], cfg.strides[i], cfg.layer_norm_eps, self.dtype)
+            for i in range(cfg.num_encoder_blocks)]
+        self.block = [
+            [Block(cfg.hidden_sizes[i], cfg.num_attention_heads[i], cfg.sr_ratios[i], cfg.mlp_ratios[i],
+                   rates[offsets[i] + j], cfg.attention_probs_dropout_prob, cfg.hidden_dropout_prob,
+                   cfg.layer_norm_eps, cfg.initializer_range, cfg.depthwise_conv_impl, self.dtype)
+             for j in range(cfg.depths[i])]
+            for i in range(cfg.num_encoder_blocks)]
+        self.layer_norm = [nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype)
+                           for _ in range(cfg.num_encoder_blocks)]
+
+    def stage(self, x, index: int, *, train: bool = False):
+        """Stage `index` (0-based) on the previous stage's NHWC output (or the images)."""
+        x = self.patch_embeddings[index](x)
+        for block in self.block[index]:
+            x = block(x, train=train)
+        return self.layer_norm[index](x)
+
+    def __call__(self, x, *, train: bool = False) -> tuple[jnp.ndarray, ...]:
         features = []
-        for i in range(cfg.num_encoder_blocks):
-            x = OverlapPatchEmbed(cfg.hidden_sizes[i], cfg.patch_sizes[i], cfg.strides[i], cfg.layer_norm_eps,
-                                  self.dtype, name=f"patch_embeddings_{i}")(x)
-            for j in range(cfg.depths[i]):
-                x = Block(cfg.hidden_sizes[i], cfg.num_attention_heads[i], cfg.sr_ratios[i], cfg.mlp_ratios[i],
-                          drop_path_rates[offsets[i] + j], cfg.attention_probs_dropout_prob, cfg.hidden_dropout_prob,
-                          cfg.layer_norm_eps, cfg.initializer_range, cfg.depthwise_conv_impl, self.dtype,
-                          name=f"block_{i}_{j}")(x, train=train)
-            x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name=f"layer_norm_{i}")(x)
+        for i in range(self.config.num_encoder_blocks):
+            x = self.stage(x, i, train=train)
             features.append(x)
         return tuple(features)
