@@ -1,0 +1,30 @@
+"""ADE20K (TFDS scene_parse150, 150 classes), the paper's recipe: 512x512 crops (640 for b5), 160k
+iterations, batch 16, AdamW 6e-5, poly, reduce-zero-label, whole-image eval at short side 512.
+
+    python train.py --config configs/ade20k.py:b2 --workdir runs/ade20k_b2 \
+        --config.model.init_from=path/to/mit-b2     # ImageNet encoder, as in the paper
+"""
+
+import importlib.util
+import os
+
+
+def _common():
+    spec = importlib.util.spec_from_file_location(
+        "segformer_configs_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config(arg=None):
+    common = _common()
+    from segformer_jax.data import input_pipeline
+    variant = common.parse_variant(arg, "b0")
+    data = input_pipeline.dataset_preset("scene_parse150")   # reduce_zero_label on (dataset default)
+    if variant == "b5":  # NVlabs segformer.b5.640x640.ade.160k
+        data.crop_size = (640, 640)          # (h, w) training crop
+        data.scale = (2048, 640)             # (w, h) mmseg img_scale
+        data.eval_scale = (2048, 640)        # (w, h) eval resize
+    config = common.paper_recipe(variant, data)
+    return config

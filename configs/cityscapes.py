@@ -1,0 +1,31 @@
+"""Cityscapes (TFDS cityscapes/semantic_segmentation, 19 train ids), the paper's recipe: 1024x1024
+crops, 160k iterations, batch 8 (8 GPUs x 1), sliding-window eval 1024x1024 stride 768 on the full
+1024x2048 images.
+
+    python train.py --config configs/cityscapes.py:b2 --workdir runs/cs_b2 --config.model.init_from=mit-b2
+"""
+
+import importlib.util
+import os
+
+
+def _common():
+    spec = importlib.util.spec_from_file_location(
+        "segformer_configs_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config(arg=None):
+    common = _common()
+    from segformer_jax.data import input_pipeline
+    variant = common.parse_variant(arg, "b0")
+    data = input_pipeline.dataset_preset("cityscapes")   # crop (1024, 1024), scale (2048, 1024)
+    config = common.paper_recipe(variant, data)
+    config.batch_size = 8                  # NVlabs cityscapes configs: samples_per_gpu=1 on 8 GPUs
+    config.eval.mode = "slide"             # mmseg test_cfg mode='slide'
+    config.eval.crop_size = (1024, 1024)   # slide window (h, w)
+    config.eval.stride = (768, 768)        # slide stride (h, w)
+    config.eval.batch_size = 8             # images per eval batch (global)
+    return config

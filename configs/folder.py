@@ -1,0 +1,30 @@
+"""Your own data: a folder with images/ and masks/ (or train/ and val/ with those inside), masks are
+PNGs of class ids (255 = ignore). See segformer_jax/data/folder.py for the layout and class names.
+
+    python train.py --config configs/folder.py:b2 --workdir runs/mine \
+        --config.data.folder=/path/to/dataset --config.model.init_from=path/to/mit-b2
+"""
+
+import importlib.util
+import os
+
+
+def _common():
+    spec = importlib.util.spec_from_file_location(
+        "segformer_configs_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config(arg=None):
+    common = _common()
+    from segformer_jax.data import input_pipeline
+    variant = common.parse_variant(arg, "b0")
+    data = input_pipeline.dataset_preset("folder")   # crop 512, scale (2048, 512); set data.folder
+    config = common.paper_recipe(variant, data)
+    config.total_steps = 40_000            # optimiser updates; scale with your dataset size
+    config.batch_size = 8                  # global batch
+    config.eval.every_steps = 4000         # evaluate (and checkpoint with mIoU) every this many updates
+    config.checkpoint.every_steps = 2000   # checkpoint every this many updates
+    return config

@@ -1,0 +1,30 @@
+"""Oxford-IIIT Pet trimaps (TFDS oxford_iiit_pet: pet / background / boundary), a small fine-tuning
+recipe: 512x512 crops, 20k iterations, batch 8, the paper's optimiser.
+
+    python train.py --config configs/pets.py:b0 --workdir runs/pets_b0 --config.model.init_from=mit-b0
+"""
+
+import importlib.util
+import os
+
+
+def _common():
+    spec = importlib.util.spec_from_file_location(
+        "segformer_configs_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config(arg=None):
+    common = _common()
+    from segformer_jax.data import input_pipeline
+    variant = common.parse_variant(arg, "b0")
+    data = input_pipeline.dataset_preset("oxford_iiit_pet")
+    config = common.paper_recipe(variant, data)
+    config.total_steps = 20_000            # ~43 epochs of the 3,680 train images at batch 8
+    config.batch_size = 8                  # global batch
+    config.optimizer.warmup_steps = 500    # shorter schedule, shorter warmup
+    config.eval.every_steps = 2000         # evaluate (and checkpoint with mIoU) every this many updates
+    config.checkpoint.every_steps = 1000   # checkpoint every this many updates
+    return config

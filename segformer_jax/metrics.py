@@ -1,0 +1,180 @@
+"""Segmentation evaluation: confusion matrix on device, mIoU / mAcc (mPA) / aAcc as mmseg computes them,
+whole-image and sliding-window inference.
+
+Conventions (mmseg `mean_iou` / `IoUMetric`):
+* rows of the confusion matrix are ground-truth classes, columns predicted classes;
+* pixels labelled `ignore_index` (and labels outside [0, K)) are not counted;
+* per class IoU = TP / (GT + Pred - TP), Acc = TP / GT; a class with a zero denominator (absent from the
+  ground truth, and for IoU also never predicted) gets NaN and is excluded from the means;
+* aAcc = all TP / all counted pixels.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from typing import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from segformer_jax.kernels import resize_bilinear
+
+# Flush the on-device int32 matrix to the host int64 one before 2^31 pixels can have been counted.
+_FLUSH_PIXELS = 2 ** 30
+
+
+def confusion_matrix(labels, preds, num_classes: int, ignore_index: int = 255):
+    """(K, K) int32 counts, rows = ground truth, columns = prediction. labels, preds: int (...) same shape."""
+    labels = labels.astype(jnp.int32).reshape(-1)
+    preds = preds.astype(jnp.int32).reshape(-1)
+    valid = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
+    index = jnp.where(valid, labels * num_classes + jnp.clip(preds, 0, num_classes - 1), 0)
+    # bincount with a static length: a scatter-add, which XLA runs well on CPU, GPU and TPU.
+    counts = jnp.zeros((num_classes * num_classes,), jnp.int32).at[index].add(valid.astype(jnp.int32))
+    return counts.reshape(num_classes, num_classes)
+
+
+class ConfusionMatrixAccumulator:
+    """Sums per-batch confusion matrices on device (no host sync per batch); moves the running sum to
+    a host int64 matrix before int32 could overflow (Cityscapes val alone is 2^31 pixels)."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self._host = np.zeros((num_classes, num_classes), np.int64)
+        self._device = None
+        self._pixels_on_device = 0
+
+    def add(self, batch_matrix, num_pixels: int) -> None:
+        if self._device is not None and self._pixels_on_device + num_pixels >= _FLUSH_PIXELS:
+            self._flush()
+        self._device = batch_matrix if self._device is None else self._device + batch_matrix
+        self._pixels_on_device += num_pixels
+
+    def _flush(self) -> None:
+        if self._device is not None:
+            self._host += np.asarray(jax.device_get(self._device), np.int64)
+        self._device, self._pixels_on_device = None, 0
+
+    def result(self) -> np.ndarray:
+        self._flush()
+        return self._host.copy()
+
+
+def segmentation_metrics(matrix, class_names: Sequence[str] | None = None) -> dict:
+    """mIoU, mAcc (mean per-class pixel accuracy, 'mPA'), aAcc and per-class IoU / Acc from a (K, K)
+    confusion matrix. NaN entries mark classes with no ground truth (and no prediction, for IoU)."""
+    cm = np.asarray(matrix, np.float64)
+    k = cm.shape[0]
+    names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
+    if len(names) != k:
+        raise ValueError(f"{len(names)} class names for a {k}x{k} confusion matrix")
+    tp = np.diag(cm)
+    gt = cm.sum(axis=1)
+    pred = cm.sum(axis=0)
+    union = gt + pred - tp
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(union > 0, tp / union, np.nan)
+        acc = np.where(gt > 0, tp / gt, np.nan)
+    total = cm.sum()
+
+    def nanmean(x):
+        return float(np.nanmean(x)) if np.any(~np.isnan(x)) else float("nan")
+
+    return {
+        "mIoU": nanmean(iou),
+        "mAcc": nanmean(acc),
+        "aAcc": float(tp.sum() / total) if total > 0 else float("nan"),
+        "num_pixels": int(total),
+        "per_class": {name: {"IoU": float(i), "Acc": float(a)} for name, i, a in zip(names, iou, acc)},
+    }
+
+
+def format_table(results: Mapping) -> str:
+    """Per-class table (percent, as mmseg prints it) followed by the summary line."""
+    names = list(results["per_class"])
+    width = max([5] + [len(n) for n in names])
+    lines = [f"{'Class':<{width}} | {'IoU':>6} | {'Acc':>6}", f"{'-' * width}-+-{'-' * 6}-+-{'-' * 6}"]
+
+    def pct(v):
+        return "   nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:6.2f}"
+
+    for name in names:
+        row = results["per_class"][name]
+        lines.append(f"{name:<{width}} | {pct(row['IoU'])} | {pct(row['Acc'])}")
+    lines.append(f"aAcc {pct(results['aAcc']).strip()}  mIoU {pct(results['mIoU']).strip()}  "
+                 f"mAcc {pct(results['mAcc']).strip()}")
+    return "\n".join(lines)
+
+
+def save_json(results: Mapping, path: str) -> None:
+    """JSON with NaN written as null (strict JSON has no NaN)."""
+    def clean(v):
+        if isinstance(v, Mapping):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, float) and math.isnan(v):
+            return None
+        return v
+    with open(path, "w") as f:
+        json.dump(clean(results), f, indent=2)
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def upsample_logits(logits, size):
+    """Logits (B, h, w, K) to (B, H, W, K), torch bilinear align_corners=False (mmseg `resize`)."""
+    return resize_bilinear(logits.astype(jnp.float32), tuple(size))
+
+
+def predict_whole(logits_fn: Callable, images, out_size=None):
+    """Whole-image inference: logits of the full image, upsampled to `out_size` (default: image size)."""
+    out_size = tuple(out_size or images.shape[1:3])
+    return upsample_logits(logits_fn(images), out_size)
+
+
+def slide_windows(height: int, width: int, crop: Sequence[int], stride: Sequence[int]):
+    """Window boxes (y1, y2, x1, x2) of mmseg `slide_inference`: a regular grid with the last window of
+    each axis moved back so that it ends at the border; windows never exceed the image."""
+    (h_crop, w_crop), (h_stride, w_stride) = crop, stride
+    h_grids = max(height - h_crop + h_stride - 1, 0) // h_stride + 1
+    w_grids = max(width - w_crop + w_stride - 1, 0) // w_stride + 1
+    boxes = []
+    for h_idx in range(h_grids):
+        for w_idx in range(w_grids):
+            y1, x1 = h_idx * h_stride, w_idx * w_stride
+            y2, x2 = min(y1 + h_crop, height), min(x1 + w_crop, width)
+            y1, x1 = max(y2 - h_crop, 0), max(x2 - w_crop, 0)
+            boxes.append((y1, y2, x1, x2))
+    return boxes
+
+
+def predict_slide(logits_fn: Callable, images, crop: Sequence[int], stride: Sequence[int], num_classes: int,
+                  out_size=None):
+    """Sliding-window inference (mmseg `slide_inference`): each crop's logits are upsampled to the crop
+    size, summed into a full-size canvas, and divided by the number of windows covering each pixel."""
+    b, height, width, _ = images.shape
+    total = jnp.zeros((b, height, width, num_classes), jnp.float32)
+    count = np.zeros((1, height, width, 1), np.float32)   # static: the windows are known at trace time
+    for y1, y2, x1, x2 in slide_windows(height, width, crop, stride):
+        window = images[:, y1:y2, x1:x2]
+        window_logits = upsample_logits(logits_fn(window), (y2 - y1, x2 - x1))
+        total = total + jnp.pad(window_logits, ((0, 0), (y1, height - y2), (x1, width - x2), (0, 0)))
+        count[:, y1:y2, x1:x2] += 1
+    logits = total / jnp.asarray(count)
+    out_size = tuple(out_size or (height, width))
+    return logits if out_size == (height, width) else upsample_logits(logits, out_size)
+
+
+def predict(logits_fn: Callable, images, *, mode: str = "whole", crop=None, stride=None, num_classes=None,
+            out_size=None):
+    """Full-resolution logits (B, H, W, K) by whole-image or sliding-window inference."""
+    if mode == "whole":
+        return predict_whole(logits_fn, images, out_size)
+    if mode == "slide":
+        if crop is None or stride is None or num_classes is None:
+            raise ValueError("slide inference needs crop, stride and num_classes")
+        return predict_slide(logits_fn, images, tuple(crop), tuple(stride), num_classes, out_size)
+    raise ValueError(f"eval mode={mode!r}; choose 'whole' or 'slide'")

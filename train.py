@@ -1,0 +1,35 @@
+"""Train SegFormer.
+
+    python train.py                                        # built-in synthetic data, b0, ~10 min on a CPU
+    python train.py --config configs/ade20k.py:b2 --workdir runs/ade_b2 --config.batch_size=8
+    python -m segformer_jax.evaluate --config configs/ade20k.py:b2 --checkpoint runs/ade_b2
+
+Rerunning the same command resumes from the latest checkpoint in --workdir.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(_HERE, "configs", "default.py"),
+    "Training config file, optionally with a variant: configs/ade20k.py:b2. Override fields with "
+    "--config.<field>=<value>.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", os.path.join(_HERE, "runs", "default"),
+                               "Directory for checkpoints, logs and the final model (resumed if it exists).")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from segformer_jax import training
+    logging.set_verbosity(logging.WARNING)
+    training.maybe_initialize_distributed(_CONFIG.value)
+    training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
