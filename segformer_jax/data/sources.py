@@ -17,7 +17,8 @@ Sources (``data_config.name``):
     TFDS ``scene_parse150``: splits ``train`` (20,210) / ``test`` (2,000: the ADE20K
     validation images). Label = channel 0 (R) of the annotation PNG. With
     ``reduce_zero_label`` (default for this dataset, as mmseg): 0 -> 255, k -> k-1,
-    255 stays 255. Note: TFDS builds this dataset from the 2017 challenge archive
+    255 stays 255; ids that are still >= 150 become 255 (all TFDS sources map ids
+    outside 0..num_classes-1 to 255). Note: TFDS builds this dataset from the 2017 challenge archive
     ``annotations_instance``; if your copy holds the ADEChallengeData2016 semantic
     PNGs instead, point a ``folder`` source at them (``reduce_zero_label=True``).
 ``cityscapes`` (19 classes)
@@ -256,9 +257,13 @@ def _tfds_source(
     return ds.map(lambda ex: {"image": ex[image_key], "label": ex[label_key]},
                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
+  num_classes = len(class_names)
+
   def decode(record):
     image = decode_image(record["image"])
     label = label_map(decode_label_png(record["label"]))
+    # Ids the dataset should not contain (>= num_classes) are ignored, never trained on.
+    label = tf.where(label >= num_classes, tf.constant(IGNORE_INDEX, tf.uint8), label)
     return image, label
 
   def num_examples(split: str) -> int:
