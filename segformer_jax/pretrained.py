@@ -105,6 +105,13 @@ def from_pretrained(
     source_config, source_arch, state = _read_source(path, config)
 
     changes = dict(config_overrides)
+    from weights_convert import mapping
+    if (source_format or mapping.detect_format(state.keys())) == "nvlabs" and "layer_norm_eps" not in changes:
+        # NVlabs mit_bX were trained with LayerNorm eps 1e-6 (HF's modules use torch's 1e-5).
+        from segformer_jax.config import NVLABS_LAYER_NORM_EPS
+        changes["layer_norm_eps"] = NVLABS_LAYER_NORM_EPS
+        logger.info("%s: NVlabs checkpoint, using layer_norm_eps=%g (pass layer_norm_eps=... to override)",
+                    path, NVLABS_LAYER_NORM_EPS)
     if id2label is not None:
         changes["id2label"] = {int(k): v for k, v in id2label.items()}
         changes["num_labels"] = len(id2label)

@@ -1,0 +1,174 @@
+"""NVlabs / mmseg original checkpoints: key renaming, attn.kv split, linear_c order, eps, loud errors.
+
+The original-format state dict is built from a Hugging Face reference model (random init, every norm
+perturbed) with `weights_convert.nvlabs.hf_to_nvlabs`, saved the way mmseg saves it (nested under
+`state_dict`, `backbone.` prefix, the unused `decode_head.conv_seg`), and loaded through
+`from_pretrained(bare .pth, config=...)`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import segformer_jax as sj  # noqa: E402
+from weights_convert import mapping, nvlabs  # noqa: E402
+from weights_convert.convert import ConversionError  # noqa: E402
+
+TINY = dict(hidden_sizes=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_attention_heads=(1, 1, 1, 2),
+            decoder_hidden_size=16, num_labels=5)
+
+
+def _perturb_norms(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, (torch.nn.LayerNorm, torch.nn.BatchNorm2d)):
+                mod.weight.copy_(1 + 0.3 * torch.randn(mod.weight.shape, generator=g))
+                mod.bias.copy_(0.2 * torch.randn(mod.bias.shape, generator=g))
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.copy_(0.2 * torch.randn(mod.running_mean.shape, generator=g))
+                mod.running_var.copy_(0.5 + torch.rand(mod.running_var.shape, generator=g))
+        # Distinct biases for q/k/v so a key/value swap in the kv split cannot pass unnoticed.
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and p.ndim == 1:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def _torch_state(model):
+    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+def _save_pth(state, path, nest=True):
+    tensors = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in state.items()}
+    torch.save({"meta": {"CLASSES": None}, "state_dict": tensors} if nest else tensors, path)
+    return str(path)
+
+
+def _images(shape=(2, 64, 96, 3), seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _hf_seg(eps_nvlabs=False):
+    model = transformers.SegformerForSemanticSegmentation(transformers.SegformerConfig(**TINY))
+    model = _perturb_norms(model)
+    if eps_nvlabs:  # the NVlabs original: 1e-6 in block and stage norms, 1e-5 in patch-embed / sr norms
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.LayerNorm) and "patch_embeddings" not in name and "sequence_reduction" not in name:
+                mod.eps = 1e-6
+    return model
+
+
+_APPLY = {}
+
+
+def _apply(model, variables, images):
+    """One jitted apply per model (eager apply compiles every op separately: slow on shared CPUs)."""
+    import jax
+    fn = _APPLY.setdefault(model, jax.jit(model.apply))
+    return np.asarray(fn(variables, images))
+
+
+def _torch_logits(model, images):
+    with torch.no_grad():
+        return model(torch.from_numpy(images.transpose(0, 3, 1, 2))).logits.numpy().transpose(0, 2, 3, 1)
+
+
+def test_detect_and_rename_segmentation_keys():
+    hf_state = _torch_state(_hf_seg())
+    state = nvlabs.hf_to_nvlabs(mapping.normalize_hf(hf_state))
+    keys = set(state)
+    assert "backbone.patch_embed1.proj.weight" in keys and "backbone.block4.0.attn.kv.weight" in keys
+    assert "backbone.norm4.bias" in keys and "decode_head.linear_fuse.conv.weight" in keys
+    assert "decode_head.linear_fuse.bn.running_var" in keys and "decode_head.linear_pred.bias" in keys
+    assert mapping.detect_format(keys) == "nvlabs"
+    assert mapping.detect_format(hf_state.keys()) == "hf"
+    # linear_c1 is stage 1 (8 channels in), linear_c4 stage 4 (32 channels in); torch Linear is (out, in).
+    assert state["decode_head.linear_c1.proj.weight"].shape == (16, 8)
+    assert state["decode_head.linear_c4.proj.weight"].shape == (16, 32)
+    back = nvlabs.normalize_nvlabs(state)
+    ref = mapping.normalize_hf(hf_state)
+    assert set(back) == set(ref)
+    for k in ref:
+        np.testing.assert_array_equal(back[k], ref[k], err_msg=k)
+
+
+def test_kv_split_first_half_is_key():
+    kv = np.arange(2 * 4 * 4, dtype=np.float32).reshape(8, 4)
+    out = nvlabs.normalize_nvlabs({"backbone.block2.1.attn.kv.weight": kv})
+    np.testing.assert_array_equal(out["segformer.encoder.block.1.1.attention.self.key.weight"], kv[:4])
+    np.testing.assert_array_equal(out["segformer.encoder.block.1.1.attention.self.value.weight"], kv[4:])
+
+
+@pytest.mark.parametrize("source_format", [None, "nvlabs"])
+def test_segmentation_checkpoint_logits_match_reference(tmp_path, source_format):
+    ref = _hf_seg()
+    state = nvlabs.hf_to_nvlabs(_torch_state(ref))
+    state["decode_head.conv_seg.weight"] = np.zeros((5, 16, 1, 1), np.float32)  # mmseg's unused head
+    state["decode_head.conv_seg.bias"] = np.zeros((5,), np.float32)
+    path = _save_pth(state, tmp_path / "segformer.tiny.ade.pth")
+    # HF modules use eps 1e-5 everywhere: load with that to compare exactly.
+    model, variables = sj.from_pretrained(path, config=sj.SegformerConfig(**TINY), source_format=source_format,
+                                          layer_norm_eps=1e-5)
+    images = _images()
+    ours = _apply(model, variables, images)
+    np.testing.assert_allclose(ours, _torch_logits(ref, images), atol=1e-4, rtol=0)
+
+
+def test_nvlabs_source_defaults_to_eps_1e6(tmp_path):
+    ref = _hf_seg(eps_nvlabs=True)
+    path = _save_pth(nvlabs.hf_to_nvlabs(_torch_state(ref)), tmp_path / "seg.pth")
+    model, variables = sj.from_pretrained(path, config=sj.SegformerConfig(**TINY))
+    assert model.config.layer_norm_eps == 1e-6
+    images = _images(seed=1)
+    # Patch-embed and sr norms are 1e-5 in the original; with O(1) activations the difference is ~1e-7.
+    np.testing.assert_allclose(_apply(model, variables, images), _torch_logits(ref, images), atol=1e-4)
+
+
+def test_imagenet_mit_checkpoint(tmp_path):
+    ref = transformers.SegformerForImageClassification(transformers.SegformerConfig(**{**TINY, "num_labels": 7}))
+    ref = _perturb_norms(ref)
+    state = nvlabs.hf_to_nvlabs(_torch_state(ref), backbone_prefix="")
+    assert "head.weight" in state and "patch_embed1.proj.weight" in state and "block1.0.attn.kv.bias" in state
+    path = _save_pth(state, tmp_path / "mit_tiny.pth", nest=False)
+    cfg = sj.SegformerConfig(**{**TINY, "num_labels": 7})
+    model, variables = sj.from_pretrained(path, config=cfg, architecture="SegformerForImageClassification",
+                                          layer_norm_eps=1e-5)
+    images = _images((2, 64, 64, 3))
+    with torch.no_grad():
+        want = ref(torch.from_numpy(images.transpose(0, 3, 1, 2))).logits.numpy()
+    np.testing.assert_allclose(_apply(model, variables, images), want, atol=1e-4)
+    # The same encoder file fits a segmentation model's encoder (the decode head is then fresh, the
+    # ImageNet head unused); checked on the key level (from_pretrained would also compile model.init).
+    from segformer_jax.pretrained import variable_shapes
+    from weights_convert import checkpoint_io
+    from weights_convert.convert import torch_state_to_flax
+    seg = sj.SegformerForSemanticSegmentation(sj.SegformerConfig(**TINY))
+    loaded, report = torch_state_to_flax(checkpoint_io.load_state_dict(path), variable_shapes(seg),
+                                         allow_missing=[r"^(params|batch_stats)/decode_head/"],
+                                         ignore_unused=[r"^classifier\."])
+    assert report["unused"] == ["classifier.bias", "classifier.weight"]
+    assert all(p.startswith(("params/decode_head/", "batch_stats/decode_head/")) for p in report["missing"])
+    np.testing.assert_array_equal(loaded["params"]["segformer"]["encoder"]["block_3_0"]["attention"]["self"]["key"]["bias"],
+                                  state["block4.0.attn.kv.bias"][:32])
+
+
+def test_missing_and_extra_keys_are_listed(tmp_path):
+    state = nvlabs.hf_to_nvlabs(_torch_state(_hf_seg()))
+    broken = dict(state)
+    del broken["backbone.block3.0.attn.kv.weight"]
+    broken["backbone.block1.0.attn.qkv_extra.weight"] = np.zeros((3,), np.float32)
+    path = _save_pth(broken, tmp_path / "broken.pth")
+    with pytest.raises(ConversionError) as e:
+        sj.from_pretrained(path, config=sj.SegformerConfig(**TINY))
+    msg = str(e.value)
+    assert "params/segformer/encoder/block_2_0/attention/self/key/kernel" in msg
+    assert "params/segformer/encoder/block_2_0/attention/self/value/kernel" in msg
+    assert "backbone.block1.0.attn.qkv_extra.weight" in msg
+    # A checkpoint of another size: shapes are reported.
+    path = _save_pth(state, tmp_path / "ok.pth")
+    with pytest.raises(ConversionError, match="wrong shape"):
+        sj.from_pretrained(path, config=sj.SegformerConfig(**{**TINY, "hidden_sizes": (8, 16, 24, 40)}))
