@@ -343,6 +343,12 @@ def test_train_transform_resize_scale_follows_mmseg():
   assert lab.shape == (600, 800)
   assert (lab[:512, :768] == 1).all()
   assert (lab[512:] == 255).all() and (lab[:, 768:] == 255).all()
+  # scale=None: the ratio applies to the image's own size (40x60 * 2 -> 80x120).
+  cfg.scale = None
+  cfg.ratio_range = (2.0, 2.0)
+  cfg.crop_size = (100, 150)
+  lab = ip.train_transform(image, label, tf.constant([0, 0], tf.int64), cfg)["label"].numpy()
+  assert (lab[:80, :120] == 1).all() and (lab[80:] == 255).all() and (lab[:, 120:] == 255).all()
 
 
 # ------------------------------------------------------------ eval pipeline

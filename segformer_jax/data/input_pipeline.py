@@ -103,7 +103,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.pet_boundary_as_ignore = False  # oxford_iiit_pet: trimap border -> 255 (2 classes) instead of class 2
   # --- training augmentation (mmseg recipe)
   c.crop_size = (128, 128)  # (h, w) of training crops
-  c.scale = (128, 128)  # (w, h) base resize scale (mmseg img_scale), multiplied by ratio
+  c.scale = (128, 128)  # (w, h) base resize scale (mmseg img_scale), multiplied by ratio; None = the image's own size
   c.ratio_range = (0.5, 2.0)  # random resize ratio range; None = resize exactly to scale
   c.cat_max_ratio = 0.75  # max fraction of one class in a crop (retries); 1.0 = plain random crop
   c.flip_prob = 0.5  # horizontal flip probability
@@ -365,7 +365,12 @@ def train_transform(image, label, key, cfg):
   """
   crop_h, crop_w = (int(x) for x in _get(cfg, "crop_size"))
   keys = tf.random.split(key, 4)
-  scale_w, scale_h = (float(x) for x in _get(cfg, "scale"))
+  scale = _get(cfg, "scale")
+  if scale:
+    scale_w, scale_h = (tf.constant(float(x)) for x in scale)
+  else:  # mmseg img_scale=None: the ratio applies to the image's own size
+    scale_w = tf.cast(tf.shape(image)[1], tf.float32)
+    scale_h = tf.cast(tf.shape(image)[0], tf.float32)
   ratio_range = _get(cfg, "ratio_range")
   if ratio_range:
     r = _uniform(keys[0], float(ratio_range[0]), float(ratio_range[1]))
