@@ -1,0 +1,315 @@
+"""Whole-image and sliding-window inference with multi-scale / flip test-time augmentation, as the
+NVlabs/mmseg test procedure (`EncoderDecoder.whole_inference`, `slide_inference`, `aug_test`).
+
+Pipeline for one image of H0 x W0 pixels (0..255 RGB) and one augmentation (ratio r, flip f):
+
+1. resize (bilinear, torch `align_corners=False`, no antialias, like cv2/mmcv) to the keep-ratio
+   size of mmcv `Resize(img_scale=scale*r, keep_ratio=True)`; optionally rounded up to a multiple
+   of `size_divisor` (NVlabs `AlignedResize`); ImageNet-normalise; mirror if f;
+2. mode 'whole': the image is one tile. mode 'slide': windows of `crop` every `stride` pixels
+   (mmseg grid: the last window is shifted back inside the image);
+3. each tile is padded with zeros (after normalisation) at the bottom/right to a multiple of `bucket`
+   pixels, so that images of similar size share one compiled function; the model's logits
+   (1/4 size) are upsampled bilinearly to the padded tile size and the padding is cropped off
+   (mmseg 1.x does the same with its size_divisor padding). Windows of exactly `crop` size are
+   never padded, so sliding-window results equal mmseg's; bucket=None disables padding;
+4. overlapping window logits are summed and divided by the window count; mirrored back; resized
+   to H0 x W0 (bilinear).
+
+With one augmentation the result is those logits; with several (TTA), the mean of their softmax
+probabilities (mmseg `aug_test`). The label map is the argmax over the last axis.
+
+Everything but the network runs in numpy; the network runs in `TiledForward`, a jitted function of
+a fixed batch of tiles: it compiles once per tile shape (and counts its compilations).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from segformer_jax.preprocess import normalize_images
+
+
+# ------------------------------------------------------------------------------------ geometry
+def keep_ratio_size(height: int, width: int, scale: tuple[int, int] | None, ratio: float = 1.0,
+                    size_divisor: int | None = None) -> tuple[int, int]:
+    """Output (h, w) of mmcv `Resize(img_scale=scale, keep_ratio=True)` after mmseg's multi-scale ratio
+    (the scale becomes (int(s0 * ratio), int(s1 * ratio))); scale=None resizes by `ratio` alone.
+    size_divisor rounds up to a multiple (NVlabs AlignedResize)."""
+    if scale is None:
+        factor = float(ratio)
+    else:
+        s = (int(scale[0] * ratio), int(scale[1] * ratio))
+        factor = min(max(s) / max(height, width), min(s) / min(height, width))
+    h, w = int(height * factor + 0.5), int(width * factor + 0.5)
+    if size_divisor:
+        h = int(math.ceil(h / size_divisor)) * size_divisor
+        w = int(math.ceil(w / size_divisor)) * size_divisor
+    return max(h, 1), max(w, 1)
+
+
+def slide_windows(height: int, width: int, crop: tuple[int, int], stride: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+    """(y1, y2, x1, x2) windows of mmseg `slide_inference`: a grid every `stride`, the last row/column
+    shifted back to end at the border; windows are min(crop, image) in size."""
+    (ch, cw), (sh, sw) = crop, stride
+    if min(ch, cw, sh, sw) < 1:
+        raise ValueError(f"crop {crop} and stride {stride} must be positive")
+    h_grids = max(height - ch + sh - 1, 0) // sh + 1
+    w_grids = max(width - cw + sw - 1, 0) // sw + 1
+    windows = []
+    for hi in range(h_grids):
+        for wi in range(w_grids):
+            y1, x1 = hi * sh, wi * sw
+            y2, x2 = min(y1 + ch, height), min(x1 + cw, width)
+            windows.append((max(y2 - ch, 0), y2, max(x2 - cw, 0), x2))
+    return windows
+
+
+def _round_up(n: int, multiple: int | None) -> int:
+    return n if not multiple else int(math.ceil(n / multiple)) * multiple
+
+
+def _axis_weights(n_in: int, n_out: int):
+    # torch upsample_bilinear2d, align_corners=False: src = (dst + 0.5) * in/out - 0.5, clamped at 0.
+    # Computed in float32 like torch's CPU kernel, so the weights agree to the last bit or so.
+    scale = np.float32(n_in) / np.float32(n_out)
+    src = np.maximum(scale * (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5), np.float32(0))
+    i0 = np.minimum(src.astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w1 = (src - i0.astype(np.float32)).astype(np.float32)
+    return i0, i1, (1.0 - w1).astype(np.float32), w1
+
+
+def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of an (H, W[, C]) array to `size`, equal to torch
+    `F.interpolate(mode='bilinear', align_corners=False)` (no antialiasing, also when shrinking)."""
+    x = np.asarray(x, np.float32)
+    (h_in, w_in), (h, w) = x.shape[:2], size
+    if (h_in, w_in) == (h, w):
+        return x
+    squeeze = x.ndim == 2
+    if squeeze:
+        x = x[..., None]
+    i0, i1, a, b = _axis_weights(h_in, h)
+    x = x[i0] * a[:, None, None] + x[i1] * b[:, None, None]
+    j0, j1, c, d = _axis_weights(w_in, w)
+    x = x[:, j0] * c[None, :, None] + x[:, j1] * d[None, :, None]
+    return x[..., 0] if squeeze else x
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    x = x - x.max(axis=axis, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+# ------------------------------------------------------------------------------------ settings
+@dataclasses.dataclass(frozen=True)
+class InferenceConfig:
+    """How to segment an image.
+
+    mode: 'whole' (one pass over the resized image) or 'slide' (windows of `crop` every `stride`).
+    scale: mmcv keep-ratio scale (long, short), e.g. (2048, 512) for ADE20K, (2048, 1024) for
+        Cityscapes; None keeps the image size (times the ratio).
+    ratios: multi-scale TTA ratios, e.g. (0.5, 0.75, 1.0, 1.25, 1.5, 1.75); (1.0,) for none.
+    flip: also run the mirrored image (TTA).
+    crop, stride: sliding-window size and step (h, w), e.g. (1024, 1024), (768, 768).
+    size_divisor: round the resized size up to a multiple (NVlabs AlignedResize); None: no rounding.
+    bucket: pad tiles to multiples of this many pixels so that similar sizes share a compilation;
+        None: never pad (one compilation per distinct size).
+    """
+
+    mode: str = "whole"
+    scale: tuple[int, int] | None = (2048, 512)
+    ratios: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    crop: tuple[int, int] = (512, 512)
+    stride: tuple[int, int] = (341, 341)
+    size_divisor: int | None = None
+    bucket: int | None = 32
+
+    def __post_init__(self):
+        if self.mode not in ("whole", "slide"):
+            raise ValueError(f"mode={self.mode!r}; choose 'whole' or 'slide'")
+        if not self.ratios or any(r <= 0 for r in self.ratios):
+            raise ValueError(f"ratios={self.ratios}: give one or more positive ratios")
+        if self.bucket is not None and self.bucket < 1:
+            raise ValueError(f"bucket={self.bucket} must be >= 1 (or None)")
+        object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
+        object.__setattr__(self, "crop", tuple(int(c) for c in self.crop))
+        object.__setattr__(self, "stride", tuple(int(s) for s in self.stride))
+        if self.scale is not None:
+            object.__setattr__(self, "scale", tuple(int(s) for s in self.scale))
+
+    @property
+    def augmentations(self) -> list[tuple[float, bool]]:
+        return [(r, f) for r in self.ratios for f in ((False, True) if self.flip else (False,))]
+
+
+# ------------------------------------------------------------------------------------ the network
+class TiledForward:
+    """`forward(tiles)`: float32 (N, H, W, 3) ImageNet-normalised tiles -> logits upsampled to
+    (N, H, W, num_labels), computed by a jitted `apply_fn(variables, batch)` over fixed batches of
+    `batch_size` (the last batch is padded with zero tiles): one compilation per tile shape.
+    `compilations` counts them (the Python body runs once per trace)."""
+
+    def __init__(self, apply_fn: Callable[[Any, Any], Any], variables: Any, batch_size: int = 4):
+        import jax
+        from segformer_jax.decode_head import upsample_bilinear
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        self.batch_size = int(batch_size)
+        self.variables = variables
+        self.compilations = 0
+        self.shapes: list[tuple[int, int]] = []
+
+        def run(variables, tiles):
+            self.compilations += 1            # trace time only
+            self.shapes.append(tuple(tiles.shape[1:3]))
+            logits = apply_fn(variables, tiles)
+            return upsample_bilinear(logits, tiles.shape[1:3])
+
+        self._run = jax.jit(run)
+
+    @classmethod
+    def from_model(cls, model, variables, batch_size: int = 4) -> "TiledForward":
+        return cls(model.apply, variables, batch_size)
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        tiles = np.asarray(tiles, np.float32)
+        n, b = len(tiles), self.batch_size
+        outs = []
+        for start in range(0, n, b):
+            chunk = tiles[start:start + b]
+            if len(chunk) < b:
+                chunk = np.concatenate([chunk, np.zeros((b - len(chunk),) + chunk.shape[1:], np.float32)])
+            outs.append(np.asarray(self._run(self.variables, chunk))[:min(b, n - start)])
+        return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
+
+
+# ------------------------------------------------------------------------------------ planning
+@dataclasses.dataclass
+class _Aug:
+    size: tuple[int, int]          # resized (h, w)
+    flip: bool
+    windows: list[tuple[int, int, int, int]]
+    tiles: list[np.ndarray]        # padded, normalised
+    logits: list[np.ndarray | None]
+
+
+def _tile_shape(window_hw: tuple[int, int], crop: tuple[int, int] | None, bucket: int | None) -> tuple[int, int]:
+    out = []
+    for i, n in enumerate(window_hw):
+        if crop is not None and n == crop[i]:
+            out.append(n)                                   # full windows: never padded
+        else:
+            padded = _round_up(n, bucket)
+            out.append(min(padded, crop[i]) if crop is not None else padded)
+    return tuple(out)
+
+
+def _plan(image: np.ndarray, cfg: InferenceConfig) -> list[_Aug]:
+    h0, w0 = image.shape[:2]
+    augs = []
+    for ratio, flip in cfg.augmentations:
+        size = keep_ratio_size(h0, w0, cfg.scale, ratio, cfg.size_divisor)
+        x = normalize_images(resize_bilinear(image, size))
+        if flip:
+            x = x[:, ::-1]
+        if cfg.mode == "whole":
+            windows, crop = [(0, size[0], 0, size[1])], None
+        else:
+            windows, crop = slide_windows(size[0], size[1], cfg.crop, cfg.stride), cfg.crop
+        tiles = []
+        for y1, y2, x1, x2 in windows:
+            th, tw = _tile_shape((y2 - y1, x2 - x1), crop, cfg.bucket)
+            tile = np.zeros((th, tw, 3), np.float32)
+            tile[:y2 - y1, :x2 - x1] = x[y1:y2, x1:x2]
+            tiles.append(tile)
+        augs.append(_Aug(size, flip, windows, tiles, [None] * len(windows)))
+    return augs
+
+
+def _assemble(augs: list[_Aug], out_size: tuple[int, int]) -> np.ndarray:
+    results = []
+    for aug in augs:
+        h, w = aug.size
+        c = aug.logits[0].shape[-1]
+        if len(aug.windows) == 1:
+            y1, y2, x1, x2 = aug.windows[0]
+            logits = aug.logits[0][:y2 - y1, :x2 - x1]
+        else:
+            preds = np.zeros((h, w, c), np.float32)
+            count = np.zeros((h, w, 1), np.float32)
+            for (y1, y2, x1, x2), tile_logits in zip(aug.windows, aug.logits):
+                preds[y1:y2, x1:x2] += tile_logits[:y2 - y1, :x2 - x1]
+                count[y1:y2, x1:x2] += 1
+            logits = preds / count
+        if aug.flip:
+            logits = logits[:, ::-1]
+        results.append(resize_bilinear(np.ascontiguousarray(logits), out_size))
+    if len(results) == 1:
+        return results[0]
+    return np.mean([softmax(r) for r in results], axis=0, dtype=np.float32).astype(np.float32)
+
+
+def segment_batch(forward: Callable[[np.ndarray], np.ndarray], images: Sequence[np.ndarray],
+                  cfg: InferenceConfig = InferenceConfig()) -> list[np.ndarray]:
+    """Segment RGB images (each (H, W, 3), uint8 or float 0..255, any size). Tiles of equal shape from
+    all images and augmentations go through `forward` together. Returns per image (H, W, num_labels):
+    logits (one augmentation) or mean softmax probabilities (TTA)."""
+    plans = []
+    for image in images:
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(f"images must be (H, W, 3) RGB; got shape {image.shape}")
+        plans.append(_plan(image, cfg))
+    groups: dict[tuple[int, ...], list[tuple[_Aug, int]]] = {}
+    for augs in plans:
+        for aug in augs:
+            for k, tile in enumerate(aug.tiles):
+                groups.setdefault(tile.shape, []).append((aug, k))
+    for shape in sorted(groups):
+        members = groups[shape]
+        logits = forward(np.stack([aug.tiles[k] for aug, k in members]))
+        for (aug, k), out in zip(members, logits):
+            aug.logits[k] = out
+    for augs in plans:
+        for aug in augs:
+            aug.tiles = []                    # free the inputs
+    return [_assemble(augs, np.asarray(image).shape[:2]) for augs, image in zip(plans, images)]
+
+
+def segment(forward: Callable[[np.ndarray], np.ndarray], image: np.ndarray,
+            cfg: InferenceConfig = InferenceConfig()) -> np.ndarray:
+    """`segment_batch` for one image."""
+    return segment_batch(forward, [image], cfg)[0]
+
+
+def whole_inference(forward, image, *, scale=None, size_divisor=None, bucket=32) -> np.ndarray:
+    """Logits (H, W, num_labels) of one whole-image pass (see module docstring)."""
+    return segment(forward, image, InferenceConfig("whole", scale=scale, size_divisor=size_divisor, bucket=bucket))
+
+
+def slide_inference(forward, image, *, crop, stride, scale=None, bucket=32) -> np.ndarray:
+    """Logits (H, W, num_labels) of mmseg's sliding-window inference (see module docstring)."""
+    return segment(forward, image, InferenceConfig("slide", scale=scale, crop=crop, stride=stride, bucket=bucket))
+
+
+def tile_shapes(image_sizes: Iterable[tuple[int, int]], cfg: InferenceConfig) -> set[tuple[int, int]]:
+    """The distinct tile shapes (= compilations of TiledForward) that images of these sizes need."""
+    shapes = set()
+    for h0, w0 in image_sizes:
+        for ratio, _ in cfg.augmentations:
+            h, w = keep_ratio_size(h0, w0, cfg.scale, ratio, cfg.size_divisor)
+            if cfg.mode == "whole":
+                shapes.add(_tile_shape((h, w), None, cfg.bucket))
+            else:
+                for y1, y2, x1, x2 in slide_windows(h, w, cfg.crop, cfg.stride):
+                    shapes.add(_tile_shape((y2 - y1, x2 - x1), cfg.crop, cfg.bucket))
+    return shapes
