@@ -31,7 +31,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -75,8 +75,9 @@ def maybe_initialize_distributed(config) -> None:
         jax.distributed.initialize()
 
 
-def make_mesh() -> Mesh:
-    return Mesh(np.asarray(jax.devices()), ("data",))
+def make_mesh(devices=None) -> Mesh:
+    """A 1-D 'data' mesh over `devices` (default: every device of every host)."""
+    return Mesh(np.asarray(devices if devices is not None else jax.devices()), ("data",))
 
 
 def shard_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:
@@ -332,6 +333,45 @@ class MetricWriter:
                 self._tb.close()
 
 
+class TrainingSetup(NamedTuple):
+    mesh: Mesh
+    replicated: NamedSharding
+    batch_sharding: NamedSharding
+    state_sharding: Any
+    abstract_state: TrainState          # ShapeDtypeStructs with shardings (restore target)
+    init_state: Callable[[], TrainState]  # fresh / pretrained state at step 0, sharded
+    train_step: Callable                # jitted train_step(state, batch, rng), state donated
+    train_rng: jax.Array
+    lr_schedule: Callable
+
+
+def build_training(config, model, pretrained=None, *, num_classes: int, ignore_index: int = 255,
+                   devices=None) -> TrainingSetup:
+    """Optimiser, shardings over a 'data' mesh of `devices` (default: all), and the jitted step."""
+    mesh = make_mesh(devices)
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, P("data"))
+    image_shape = (64, 64, model.config.num_channels)   # parameters do not depend on the image size
+    params_shape = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape)))["params"]
+    tx, lr_schedule = optim.make_optimizer(config.optimizer, int(config.total_steps), params_shape)
+
+    init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+    make_state = functools.partial(create_train_state, model, tx, init_rng, image_shape)
+    abstract_state = jax.eval_shape(lambda: make_state(pretrained))
+    state_sharding = jax.tree_util.tree_map(lambda _: replicated, abstract_state)
+    abstract_state = jax.tree_util.tree_map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, state_sharding)
+
+    def init_state():
+        return jax.jit(make_state, out_shardings=state_sharding)(pretrained)
+
+    train_step = jax.jit(make_train_step(config, num_classes, lr_schedule, ignore_index),
+                         in_shardings=(state_sharding, batch_sharding, replicated),
+                         out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+    return TrainingSetup(mesh, replicated, batch_sharding, state_sharding, abstract_state, init_state, train_step,
+                         train_rng, lr_schedule)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -400,21 +440,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     accum = max(int(config.optimizer.grad_accum_steps), 1)
     total_steps = int(config.total_steps) * accum          # micro-batches; total_steps counts updates
-    mesh = make_mesh()
-    replicated = NamedSharding(mesh, P())
-    batch_sharding = NamedSharding(mesh, P("data"))
-
-    crop_h, crop_w = (int(x) for x in data_config.crop_size)
-    image_shape = (crop_h, crop_w, model.config.num_channels)
-    init_params_shape = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape)))["params"]
-    tx, lr_schedule = optim.make_optimizer(config.optimizer, int(config.total_steps), init_params_shape)
-
-    init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-    make_state = functools.partial(create_train_state, model, tx, init_rng, image_shape)
-    abstract_state = jax.eval_shape(lambda: make_state(pretrained))
-    state_sharding = jax.tree_util.tree_map(lambda _: replicated, abstract_state)
-    abstract_state = jax.tree_util.tree_map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, state_sharding)
+    setup = build_training(config, model, pretrained, num_classes=info.num_classes, ignore_index=ignore_index)
+    mesh, replicated, batch_sharding = setup.mesh, setup.replicated, setup.batch_sharding
+    state_sharding, abstract_state = setup.state_sharding, setup.abstract_state
+    train_rng = setup.train_rng
 
     manager = make_checkpoint_manager(os.path.join(workdir, CHECKPOINT_DIR), config)
     meta = checkpoint_meta(model, config)
@@ -425,12 +454,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if is_main:
             print(f"Resuming from checkpoint at step {latest} in {workdir}", flush=True)
     else:
-        state = jax.jit(make_state, out_shardings=state_sharding)(pretrained)
+        state = setup.init_state()
     start_step = int(to_host(state.step))
-
-    train_step = jax.jit(make_train_step(config, info.num_classes, lr_schedule, ignore_index),
-                         in_shardings=(state_sharding, batch_sharding, replicated),
-                         out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+    train_step = setup.train_step
     eval_step = jax.jit(make_eval_step(model, config, info.num_classes, ignore_index),
                         in_shardings=(replicated, batch_sharding), out_shardings=(replicated, batch_sharding))
     eval_iter = input_pipeline.make_eval_iterator(data_config, int(config.eval.batch_size) // jax.process_count(),
