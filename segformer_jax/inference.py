@@ -202,14 +202,18 @@ class _Aug:
     logits: list[np.ndarray | None]
 
 
+MIN_TILE = 32   # the network needs >= 32 pixels a side (stage 4 is 1/32 with a spatial reduction of 1)
+
+
 def _tile_shape(window_hw: tuple[int, int], crop: tuple[int, int] | None, bucket: int | None) -> tuple[int, int]:
     out = []
     for i, n in enumerate(window_hw):
         if crop is not None and n == crop[i]:
-            out.append(n)                                   # full windows: never padded
+            padded = n                                      # full windows: never padded
         else:
             padded = _round_up(n, bucket)
-            out.append(min(padded, crop[i]) if crop is not None else padded)
+            padded = min(padded, crop[i]) if crop is not None else padded
+        out.append(max(padded, MIN_TILE))                   # tiny tiles are padded up to MIN_TILE
     return tuple(out)
 
 
