@@ -43,7 +43,14 @@ def _read_source(path: str, config: SegformerConfig | None):
     """-> (config, source architecture, torch-style state dict, source format or None)."""
     from weights_convert import checkpoint_io
     from weights_convert.convert import flax_to_torch_state
+    from segformer_jax import quantize
 
+    if quantize.is_quantized(path):
+        raise quantize.QuantizedCheckpointError(
+            f"{path} is an int8 weight-only quantized checkpoint ({quantize.QUANTIZED_WEIGHTS_NAME}); it has no "
+            "float32 weights. Load it with segformer_jax.quantize.load_quantized(path) (int8, apply with "
+            "quantize.quantized_apply(model)) or load_quantized(path, dequantize=True) for float32 variables; "
+            "`python -m segformer_jax.predict --model` takes it directly.")
     if os.path.isfile(path):
         if config is None:
             raise ConfigError(f"{path} is a bare weights file: pass config=SegformerConfig(...) (or a preset), "
