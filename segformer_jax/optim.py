@@ -43,12 +43,15 @@ def poly_warmup_schedule(base_lr: float, total_steps: int, *, warmup_steps: int 
 
     def schedule(step):
         t = jnp.asarray(step, jnp.float32)
-        progress = jnp.clip(t / total_steps, 0.0, 1.0)
-        regular = (base_lr - min_lr) * (1.0 - progress) ** power + min_lr
+        # (total - t) / total rather than 1 - t / total: exact near the end of training in float32.
+        remaining = jnp.clip((total_steps - t) / total_steps, 0.0, 1.0)
+        regular = (base_lr - min_lr) * remaining ** power + min_lr
         if warmup_steps <= 0:
             return regular
-        k = (1.0 - t / warmup_steps) * (1.0 - warmup_ratio)
-        return jnp.where(t < warmup_steps, regular * (1.0 - k), regular)
+        # mmcv: regular * (1 - k), k = (1 - t / warmup) * (1 - ratio); written as ratio + (1 - ratio) t / warmup,
+        # the same number without float32's cancellation at t = 0 (1 - 0.999999 is 1% off in float32).
+        factor = warmup_ratio + (1.0 - warmup_ratio) * (t / warmup_steps)
+        return jnp.where(t < warmup_steps, regular * factor, regular)
 
     return schedule
 

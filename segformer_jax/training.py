@@ -128,6 +128,19 @@ def build_model(config, class_names) -> tuple[SegformerForSemanticSegmentation, 
     return SegformerForSemanticSegmentation(model_config, dtype=dtype), None
 
 
+def _init_compiler_options() -> dict | None:
+    """Initialisation is one random draw per parameter, run once: on XLA:CPU, LLVM's optimisation of its
+    many small fusions takes minutes (even for a tiny model, on a busy 2-core machine) and buys nothing,
+    so compile it unoptimised there."""
+    return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+
+
+def init_model_variables(model, rng, image_shape=(64, 64, 3)) -> dict:
+    """`model.init` compiled quickly (see `_init_compiler_options`); same values as `model.init`."""
+    images = jnp.zeros((1, *image_shape), jnp.float32)
+    return jax.jit(model.init).lower(rng, images).compile(compiler_options=_init_compiler_options())(rng, images)
+
+
 def create_train_state(model, tx, rng, image_shape, variables=None) -> TrainState:
     """Fresh (or pretrained, when `variables` is given) parameters + optimiser state at step 0."""
     if variables is None:
@@ -363,7 +376,8 @@ def build_training(config, model, pretrained=None, *, num_classes: int, ignore_i
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, state_sharding)
 
     def init_state():
-        return jax.jit(make_state, out_shardings=state_sharding)(pretrained)
+        lowered = jax.jit(make_state, out_shardings=state_sharding).lower(pretrained)
+        return lowered.compile(compiler_options=_init_compiler_options())(pretrained)
 
     train_step = jax.jit(make_train_step(config, num_classes, lr_schedule, ignore_index),
                          in_shardings=(state_sharding, batch_sharding, replicated),

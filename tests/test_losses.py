@@ -24,7 +24,8 @@ def test_loss_equals_hugging_face_torch_loss(tmp_path):
     from segformer_jax import save_pretrained
 
     model = SegformerForSemanticSegmentation(TINY)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    from segformer_jax.training import init_model_variables
+    variables = init_model_variables(model, jax.random.key(0))
     # Scale the classifier so that logits are O(10): a loss near log(K) would hide mistakes.
     variables = jax.tree_util.tree_map(lambda x: x, variables)
     clf = variables["params"]["decode_head"]["classifier"]
@@ -40,7 +41,7 @@ def test_loss_equals_hugging_face_torch_loss(tmp_path):
     with torch.no_grad():
         out = torch_model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)),
                           labels=torch.from_numpy(labels).long())
-    logits = model.apply(variables, jnp.asarray(images))
+    logits = jax.jit(model.apply)(variables, jnp.asarray(images))
     ours = float(losses.semantic_segmentation_loss(logits, jnp.asarray(labels), reduction="valid"))
     assert float(out.loss) > 0.5  # not a trivially small loss
     np.testing.assert_allclose(ours, float(out.loss), rtol=1e-5)

@@ -1,0 +1,313 @@
+"""Training: lr schedule, optimiser groups, overfitting, data parallelism, checkpoint resume (bit-exact),
+the train.py command line and its errors. Tiny models on 32-64 px images keep this to a few minutes."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from segformer_jax import optim, training
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASS_NAMES = ["a", "b", "c", "d"]
+
+
+def load_config(name="default.py", arg="tiny"):
+    path = os.path.join(REPO, "configs", name)
+    spec = importlib.util.spec_from_file_location(f"test_config_{name[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """synthetic_shapes/small generated once (no download, a few seconds)."""
+    from segformer_jax.data import synthetic_shapes
+    path = str(tmp_path_factory.mktemp("tfds"))
+    synthetic_shapes.ensure_prepared(path, "small")
+    return path
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """A persistent XLA cache shared by this process and the train.py subprocesses: the same programs
+    are compiled once (compiling dominates a tiny run on 2 CPU cores)."""
+    path = str(tmp_path_factory.mktemp("jax_cache"))
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield path
+
+
+# ----------------------------------------------------------------------------- schedule and optimiser
+
+
+def test_schedule_matches_mmcv_poly_with_linear_warmup():
+    lr, total, warmup, ratio = 6e-5, 160_000, 1500, 1e-6
+    schedule = optim.poly_warmup_schedule(lr, total, warmup_steps=warmup, warmup_ratio=ratio, power=1.0)
+
+    def expected(t):
+        regular = lr * (1 - t / total)
+        if t < warmup:
+            return regular * (1 - (1 - t / warmup) * (1 - ratio))
+        return regular
+
+    for t in (0, 750, 1499, 1500, 80_000, 159_999, 160_000):
+        np.testing.assert_allclose(float(schedule(t)), expected(t), rtol=1e-5, atol=1e-13, err_msg=f"step {t}")
+    assert float(schedule(0)) == pytest.approx(lr * ratio, rel=1e-4)
+    assert float(schedule(total)) == 0.0
+    power2 = optim.poly_warmup_schedule(1.0, 100, warmup_steps=0, power=2.0, min_lr=0.1)
+    assert float(power2(50)) == pytest.approx(0.9 * 0.25 + 0.1)
+
+
+def _fake_params():
+    leaf = lambda *s: jnp.full(s, 2.0)   # noqa: E731
+    return {
+        "segformer": {"encoder": {
+            "block_0_0": {"layer_norm_1": {"scale": leaf(4), "bias": leaf(4)},
+                          "attention": {"query": {"kernel": leaf(4, 4), "bias": leaf(4)}}},
+            "layer_norm_0": {"scale": leaf(4), "bias": leaf(4)}}},
+        "decode_head": {"batch_norm": {"scale": leaf(4), "bias": leaf(4)},
+                        "classifier": {"kernel": leaf(4, 3), "bias": leaf(3)}},
+    }
+
+
+def _opt_config(**kw):
+    c = load_config("ade20k.py", "b0").optimizer
+    c.unlock()
+    c.update(kw)
+    return c
+
+
+def test_weight_decay_mask_excludes_norms_only():
+    mask = optim.weight_decay_mask(_fake_params())
+    flat = {"/".join(str(e.key) for e in path): v for path, v in jax.tree_util.tree_leaves_with_path(mask)}
+    no_decay = sorted(k for k, v in flat.items() if not v)
+    assert no_decay == ["decode_head/batch_norm/bias", "decode_head/batch_norm/scale",
+                        "segformer/encoder/block_0_0/layer_norm_1/bias",
+                        "segformer/encoder/block_0_0/layer_norm_1/scale",
+                        "segformer/encoder/layer_norm_0/bias", "segformer/encoder/layer_norm_0/scale"]
+    # biases of linear layers are decayed (NVlabs), as are kernels
+    assert flat["segformer/encoder/block_0_0/attention/query/bias"] and flat["decode_head/classifier/kernel"]
+
+
+def test_optimizer_decay_and_head_lr_multiplier():
+    params = _fake_params()
+    cfg = _opt_config(learning_rate=1e-2, warmup_steps=0, weight_decay=0.1, head_lr_mult=10.0)
+    tx, _ = optim.make_optimizer(cfg, 1000, params)
+    state = tx.init(params)
+    # Zero gradients: the update is the decoupled decay alone, -lr * wd * p, or 0 for norms.
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, state, params)
+    lr = 1e-2   # schedule at step 0 without warmup
+    np.testing.assert_allclose(updates["segformer"]["encoder"]["block_0_0"]["attention"]["query"]["kernel"],
+                               -lr * 0.1 * 2.0, rtol=1e-5)
+    np.testing.assert_allclose(updates["decode_head"]["classifier"]["kernel"], -10 * lr * 0.1 * 2.0, rtol=1e-5)
+    for norm in (updates["segformer"]["encoder"]["layer_norm_0"], updates["decode_head"]["batch_norm"]):
+        np.testing.assert_array_equal(norm["scale"], 0.0)
+    # Unit gradients, no decay: Adam's first step is -lr * sign(g); the head's is 10x larger.
+    cfg = _opt_config(learning_rate=1e-2, warmup_steps=0, weight_decay=0.0, head_lr_mult=10.0)
+    tx, _ = optim.make_optimizer(cfg, 1000, params)
+    ones = jax.tree_util.tree_map(jnp.ones_like, params)
+    updates, _ = tx.update(ones, tx.init(params), params)
+    np.testing.assert_allclose(updates["segformer"]["encoder"]["layer_norm_0"]["scale"], -lr, rtol=1e-4)
+    np.testing.assert_allclose(updates["decode_head"]["batch_norm"]["scale"], -10 * lr, rtol=1e-4)
+
+
+def test_gradient_accumulation_and_clipping_wrap_the_optimizer():
+    params = _fake_params()
+    tx, _ = optim.make_optimizer(_opt_config(grad_accum_steps=2, grad_clip_norm=1.0, warmup_steps=0), 10, params)
+    state = tx.init(params)
+    ones = jax.tree_util.tree_map(jnp.ones_like, params)
+    u1, state = tx.update(ones, state, params)
+    assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree_util.tree_leaves(u1))   # accumulating
+    u2, state = tx.update(ones, state, params)
+    assert any(float(jnp.abs(x).max()) > 0.0 for x in jax.tree_util.tree_leaves(u2))    # applied
+
+
+# ----------------------------------------------------------------------------- train step
+
+
+def _tiny_setup(config, devices=None):
+    model, _ = training.build_model(config, CLASS_NAMES)
+    setup = training.build_training(config, model, num_classes=len(CLASS_NAMES), devices=devices)
+    return model, setup
+
+
+def _learnable_batch(n=4, size=32, seed=0):
+    """Smooth random images whose labels are a pixelwise function of the colour: learnable at 1/4 res."""
+    small = np.random.default_rng(seed).standard_normal((n, size // 4, size // 4, 3)).astype(np.float32)
+    images = np.asarray(jax.image.resize(small, (n, size, size, 3), "bilinear"))
+    labels = ((images[..., 0] > 0).astype(np.int32) + 2 * (images[..., 1] > 0)).astype(np.int32)
+    labels[:, :2, :] = 255   # some ignored pixels
+    return {"image": images, "label": labels}
+
+
+def test_overfit_one_batch_reduces_loss_tenfold(compile_cache):
+    config = load_config()
+    config.model.drop_path_rate = 0.0
+    config.model.classifier_dropout_prob = 0.0
+    config.optimizer.learning_rate = 3e-3
+    config.optimizer.warmup_steps = 0
+    config.total_steps = 100_000          # ~constant lr over the few steps taken here
+    _, setup = _tiny_setup(config)
+    state = setup.init_state()
+    batch = training.shard_batch(_learnable_batch(), setup.batch_sharding)
+    losses = []
+    for _ in range(150):
+        state, m = setup.train_step(state, batch, setup.train_rng)
+        losses.append(float(m["loss"]))
+    ratio = losses[0] / losses[-1]
+    print(f"overfit: loss {losses[0]:.4f} -> {losses[-1]:.4f} (x{ratio:.1f})")
+    assert ratio >= 10, losses[::10]
+
+
+DATA_PARALLEL_SCRIPT = textwrap.dedent("""
+    import os, sys, json
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    sys.path.insert(0, {tests!r})
+    import jax, numpy as np
+    import test_training as t
+    from segformer_jax import training
+    assert jax.device_count() == 4, jax.devices()
+    config = t.load_config()
+    config.data.crop_size = (32, 32)
+    batch = t._learnable_batch(n=8)
+    params = {{}}
+    for name, devices in (("four", jax.devices()), ("one", jax.devices()[:1])):
+        _, setup = t._tiny_setup(config, devices=devices)
+        state = setup.init_state()
+        for step in range(3):   # dropout and drop-path on: the random bits must not depend on the sharding
+            state, m = setup.train_step(state, training.shard_batch(batch, setup.batch_sharding), setup.train_rng)
+        assert len(state.params["decode_head"]["classifier"]["kernel"].sharding.device_set) == len(devices)
+        params[name] = training.to_host({{"params": state.params, "batch_stats": state.batch_stats}})
+    diffs = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+        lambda a, b: float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))), params["four"], params["one"]))
+    scale = max(float(np.max(np.abs(x))) for x in jax.tree_util.tree_leaves(params["one"]))
+    print(json.dumps({{"max_abs_diff": max(diffs), "max_abs_param": scale}}))
+""")
+
+
+def test_four_device_data_parallel_equals_one_device(compile_cache):
+    script = DATA_PARALLEL_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=900,
+                         env={**os.environ, "JAX_COMPILATION_CACHE_DIR": compile_cache})
+    assert out.returncode == 0, out.stderr[-4000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print("4-device vs 1-device:", result)
+    assert result["max_abs_diff"] < 1e-5, result   # float reassociation of the gradient all-reduce only
+
+
+# ----------------------------------------------------------------------------- train.py and resuming
+
+RUN_FLAGS = ["--config.total_steps=4", "--config.checkpoint.every_steps=2", "--config.log_every_steps=1",
+             "--config.progress_bar=False"]
+
+
+def _run_train_py(workdir, data_dir, compile_cache, *extra):
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), f"--config={os.path.join(REPO, 'configs', 'default.py')}:tiny",
+           f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", *RUN_FLAGS, *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=900,
+                          env={**os.environ, "JAX_COMPILATION_CACHE_DIR": compile_cache, "JAX_PLATFORMS": "cpu"})
+
+
+def _restore_tree(workdir, step):
+    import orbax.checkpoint as ocp
+    with ocp.CheckpointManager(os.path.join(workdir, training.CHECKPOINT_DIR)) as manager:
+        return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+
+
+def _config_like_run_flags(data_dir):
+    config = load_config()
+    config.data.data_dir = data_dir
+    config.total_steps = 4
+    config.checkpoint.every_steps = 2
+    config.log_every_steps = 1
+    config.progress_bar = False
+    return config
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory, data_dir, compile_cache):
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    out = _run_train_py(workdir, data_dir, compile_cache)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return workdir, out
+
+
+def test_train_py_end_to_end(uninterrupted_run):
+    workdir, out = uninterrupted_run
+    assert "mIoU" in out.stdout
+    steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+    assert steps[-1] == 4
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert all({"loss", "lr", "grad_norm", "images_per_second"} <= set(r) for r in train)
+    assert any(r["split"] == "eval" and "mIoU" in r for r in records)
+    assert os.path.isfile(os.path.join(workdir, "images", "eval_4.png"))
+    assert os.path.isfile(os.path.join(workdir, "eval", "eval_4.json"))
+    assert any(f.startswith("events") for f in os.listdir(os.path.join(workdir, "tensorboard")))
+    from segformer_jax import from_pretrained
+    model, variables = from_pretrained(os.path.join(workdir, "final"))
+    assert model.config.num_labels == 6 and model.config.id2label[1] == "circle"
+    final = _restore_tree(workdir, 4)
+    np.testing.assert_array_equal(variables["params"]["decode_head"]["classifier"]["kernel"],
+                                  final["params"]["decode_head"]["classifier"]["kernel"])
+
+
+def test_resume_after_kill_is_bit_exact(uninterrupted_run, tmp_path, data_dir, compile_cache):
+    reference_dir, _ = uninterrupted_run
+    workdir = str(tmp_path / "interrupted")
+    config = _config_like_run_flags(data_dir)
+    config.max_steps_this_run = 3          # stops after step 3 with checkpoints at 2 and 3
+    training.train_and_evaluate(config, workdir)
+    ckpt = os.path.join(workdir, "checkpoints")
+    assert sorted(os.listdir(ckpt)) == ["2", "3"]
+    assert not os.path.exists(os.path.join(workdir, "final"))
+    # The kill: the process died while writing checkpoint 3. Orbax writes into a temporary directory
+    # that is renamed on commit; leave such a half-written one in place of 3 (its files truncated).
+    half = os.path.join(ckpt, "3.orbax-checkpoint-tmp-1234567890")
+    os.rename(os.path.join(ckpt, "3"), half)
+    for root, _, files in os.walk(half):
+        for f in files:
+            with open(os.path.join(root, f), "r+b") as fh:
+                fh.truncate(max(os.path.getsize(os.path.join(root, f)) // 2, 0))
+    config.max_steps_this_run = 0
+    result = training.train_and_evaluate(config, workdir)     # the same command again: resumes at 2
+    assert result["step"] == 4
+    resumed, reference = _restore_tree(workdir, 4), _restore_tree(reference_dir, 4)
+    leaves_a, tree_a = jax.tree_util.tree_flatten(resumed)
+    leaves_b, tree_b = jax.tree_util.tree_flatten(reference)
+    assert tree_a == tree_b
+    for a, b in zip(leaves_a, leaves_b):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert not any("tmp" in name for name in os.listdir(ckpt))   # the half-written one was cleaned up
+
+
+def test_workdir_of_a_different_model_is_refused(uninterrupted_run, data_dir):
+    reference_dir, _ = uninterrupted_run
+    workdir = os.path.join(os.path.dirname(reference_dir), "copy_for_mismatch")
+    shutil.copytree(reference_dir, workdir)
+    config = _config_like_run_flags(data_dir)
+    config.model.overrides.decoder_hidden_size = 32
+    with pytest.raises(training.TrainingError, match="different model.*decoder_hidden_size"):
+        training.train_and_evaluate(config, workdir)
+
+
+def test_unknown_config_override_is_a_clear_error(tmp_path, data_dir, compile_cache):
+    out = _run_train_py(str(tmp_path / "w"), data_dir, compile_cache, "--config.optimizer.lerning_rate=1e-3")
+    assert out.returncode != 0
+    assert "lerning_rate" in out.stderr and not os.path.exists(tmp_path / "w" / "checkpoints")
