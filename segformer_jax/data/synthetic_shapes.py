@@ -14,10 +14,10 @@ earlier ones) and a ``uint8`` mask of class ids:
 ====  ==========  ===============================  =========================
  0     background  grey / low saturation            smooth blotches + noise
  1     circle      red (~0 deg)                     radial shading
- 2     square      green (~120 deg)                 checkerboard
- 3     triangle    blue (~225 deg)                  smooth gradient
- 4     ring        yellow (~55 deg)                 flat; the hole is background
- 5     stripes     magenta (~300 deg)               stripes (rotated rectangle)
+ 2     square      green (~125 deg)                 checkerboard
+ 3     triangle    blue (~212 deg)                  smooth gradient
+ 4     ring        yellow (~58 deg)                 flat; the hole is background
+ 5     stripes     magenta (~295 deg)               stripes (rotated rectangle)
 ====  ==========  ===============================  =========================
 
 Shapes are large (radius >= ~10 px at 128x128: sizes scale with the image size),
@@ -65,7 +65,7 @@ PALETTE = np.array(
 )
 
 # Hue (in [0, 1)) of each shape class's colour family; index = class id.
-_HUES = (None, 0.0, 1.0 / 3.0, 0.625, 0.153, 0.833)
+_HUES = (None, 0.0, 125.0 / 360.0, 212.0 / 360.0, 58.0 / 360.0, 295.0 / 360.0)
 _HUE_JITTER = 0.03  # +-11 degrees
 
 
@@ -146,6 +146,8 @@ def generate_example(rng: np.random.Generator, size: int = 128):
     r = rng.uniform(0.09, 0.24) * size  # >= 11.5 px at 128x128
     if cls == 4:  # rings need room for the hole
       r = max(r, 0.13 * size)
+    elif cls == 3:  # a triangle covers less of its circle than the other shapes
+      r *= 1.25
     cy, cx = rng.uniform(0.1, 0.9, size=2) * size
     theta = rng.uniform(0, 2 * np.pi)
     h, s, v = _class_colour(rng, cls)
@@ -205,8 +207,11 @@ def _png_bytes(array: np.ndarray) -> bytes:
 class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
   """Procedurally generated shapes for semantic segmentation (no download)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "Initial release.",
+      "1.1.0": "Hues spread further apart, larger triangles.",
+  }
   BUILDER_CONFIGS = [
       SyntheticShapesConfig(
           name="default",
