@@ -93,4 +93,4 @@ def _load_torch(path: str) -> dict[str, np.ndarray]:
 def save_safetensors(state: Mapping[str, np.ndarray], path: str) -> None:
     from safetensors.numpy import save_file
     # transformers refuses safetensors files without a known 'format' in the metadata.
-    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path, metadata={"format": "pt"})
+    save_file({k: np.asarray(v, order="C") for k, v in state.items()}, path, metadata={"format": "pt"})

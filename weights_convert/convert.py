@@ -77,6 +77,7 @@ def torch_state_to_flax(
 
     filled: dict[tuple[str, str], np.ndarray] = {}
     unused, ignored, shape_errors, skipped_sources = [], [], [], []
+    misshaped: set[tuple[str, str]] = set()
     for key, value in state.items():
         hit = mapping.hf_key_to_flax(key)
         target = (hit[0], hit[1]) if hit else None
@@ -92,11 +93,12 @@ def torch_state_to_flax(
         if tuple(value.shape) != mapping.expected_torch_shape(want, layout):
             shape_errors.append(f"{key}: checkpoint {tuple(value.shape)}, model expects "
                                 f"{mapping.expected_torch_shape(want, layout)} (Flax {target[0]}/{target[1]} {want})")
+            misshaped.add(target)
             continue
         filled[target] = mapping.torch_to_flax_tensor(value, layout)
 
     skipped = [n for n, t in target_names.items() if _matches(n, skip_targets)]
-    absent = [n for n, t in target_names.items() if t not in filled and n not in skipped]
+    absent = [n for n, t in target_names.items() if t not in filled and t not in misshaped and n not in skipped]
     missing = [n for n in absent if not _matches(n, allow_missing)]
     allowed_missing = [n for n in absent if _matches(n, allow_missing)]
 

@@ -122,9 +122,9 @@ def flax_path_to_hf(collection: str, path: str) -> tuple[str, str] | None:
 # ---------------------------------------------------------------------------------- layouts
 def torch_to_flax_tensor(x: np.ndarray, layout: str) -> np.ndarray:
     if layout == "linear":       # (out, in) -> (in, out)
-        return np.ascontiguousarray(x.T)
+        return np.asarray(x.T, order="C")
     if layout == "conv":         # (out, in/groups, kh, kw) -> (kh, kw, in/groups, out)
-        return np.ascontiguousarray(x.transpose(2, 3, 1, 0))
+        return np.asarray(x.transpose(2, 3, 1, 0), order="C")
     if layout == "count":        # torch int64 counter -> int32 (jax default)
         return np.asarray(x, np.int32)
     return np.asarray(x)
@@ -132,12 +132,12 @@ def torch_to_flax_tensor(x: np.ndarray, layout: str) -> np.ndarray:
 
 def flax_to_torch_tensor(x: np.ndarray, layout: str) -> np.ndarray:
     if layout == "linear":
-        return np.ascontiguousarray(x.T)
-    if layout == "conv":
-        return np.ascontiguousarray(x.transpose(3, 2, 0, 1))
-    if layout == "count":
-        return np.asarray(x, np.int64)
-    return np.ascontiguousarray(x)
+        x = x.T
+    elif layout == "conv":
+        x = x.transpose(3, 2, 0, 1)
+    elif layout == "count":
+        x = x.astype(np.int64)
+    return np.asarray(x, order="C")  # not ascontiguousarray: it turns 0-d counters into shape (1,)
 
 
 def expected_torch_shape(flax_shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
