@@ -236,12 +236,21 @@ def _rescale_size(h, w, scale_long, scale_short):
 
 
 def _resize_pair(image, label, nh, nw):
-  """Image bilinear (rounded to uint8 values, as cv2 on uint8), label nearest."""
-  image = tf.image.resize(tf.cast(image, tf.float32), tf.stack([nh, nw]),
-                          method="bilinear", antialias=False)
-  image = tf.clip_by_value(tf.round(image), 0.0, 255.0)
-  label = tf.image.resize(label[..., None], tf.stack([nh, nw]), method="nearest")[..., 0]
-  return image, label
+  """Image bilinear (rounded to uint8 values, as cv2 on uint8), label nearest.
+
+  A no-op (but for the float32 cast) when the size does not change.
+  """
+  image = tf.cast(image, tf.float32)
+  same = tf.logical_and(tf.equal(tf.shape(image)[0], nh), tf.equal(tf.shape(image)[1], nw))
+
+  def resize():
+    img = tf.image.resize(image, tf.stack([nh, nw]), method="bilinear", antialias=False)
+    img = tf.clip_by_value(tf.round(img), 0.0, 255.0)
+    lab = tf.image.resize(label[..., None], tf.stack([nh, nw]), method="nearest")[..., 0]
+    return img, lab
+
+  image, label = tf.cond(same, lambda: (image, label), resize)
+  return tf.ensure_shape(image, [None, None, 3]), tf.ensure_shape(label, [None, None])
 
 
 def _uniform(key, minval=0.0, maxval=1.0):
