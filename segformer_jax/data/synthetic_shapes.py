@@ -278,9 +278,16 @@ def ensure_prepared(
     data_dir = os.path.expanduser(str(data_dir))
   builder = tfds.builder(f"synthetic_shapes/{config}", data_dir=data_dir)
   if not builder.is_prepared():
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(
-            compute_stats=tfds.download.ComputeStatsMode.SKIP
-        )
-    )
+    try:
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(
+              compute_stats=tfds.download.ComputeStatsMode.SKIP
+          )
+      )
+    except Exception:  # pylint: disable=broad-except
+      # Another process may have generated the same data concurrently (TFDS writes
+      # to a temporary folder and renames it): use its result if it is complete.
+      builder = tfds.builder(f"synthetic_shapes/{config}", data_dir=data_dir)
+      if not builder.is_prepared():
+        raise
   return builder
