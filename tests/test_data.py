@@ -672,3 +672,18 @@ def test_folder_fraction_split_is_deterministic(tmp_path):
   names.write_text("x\ny\nz\nw\n")
   d = folder_lib.scan_folder(str(tmp_path), class_names_file=str(names))
   assert d.class_names == ("x", "y", "z", "w")
+
+
+def test_eval_transform_shrinks_to_fit_pad_size():
+  # eval_scale (64, 64) makes a 20x40 image 32x64; it does not fit (16, 24): shrink
+  # keeping the ratio by min(16/32, 24/64) = 0.375 -> 12x24, then pad to 16x24.
+  cfg = ip.default_data_config()
+  cfg.eval_scale = (64, 64)
+  cfg.eval_pad_size = (16, 24)
+  label = np.zeros((20, 40), np.uint8)
+  label[:, 20:] = 1
+  out = ip.eval_transform(tf.zeros([20, 40, 3], tf.uint8), tf.constant(label), cfg)
+  assert out["image_size"].numpy().tolist() == [12, 24]
+  lab = out["label"].numpy()
+  assert lab.shape == (16, 24)
+  assert (lab[:12, :12] == 0).all() and (lab[:12, 12:] == 1).all() and (lab[12:] == 255).all()
