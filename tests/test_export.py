@@ -51,8 +51,6 @@ def test_stablehlo_symbolic_batch_and_spatial(tmp_path, tiny):
     for shape in SHAPES:
         x = _x(shape)
         np.testing.assert_allclose(np.asarray(exported.call(x)), np.asarray(live(variables, x)), atol=1e-5, rtol=0)
-    with pytest.raises(Exception, match="h >= 32|constraint|shape"):
-        exported.call(_x((1, 16, 64, 3)))                       # below the declared minimum size
 
 
 def test_tf_saved_model(tmp_path, tiny):
