@@ -28,10 +28,15 @@ CONFIG_NAME = "config.json"
 _INIT_SIZE = 64                       # image side used to trace shapes / initialise fresh parts
 
 
-def init_variables(model, seed: int = 0) -> dict[str, Any]:
-    """Freshly initialised variables (HF's initialisation scheme)."""
-    images = jnp.zeros((1, _INIT_SIZE, _INIT_SIZE, model.config.num_channels), jnp.float32)
-    return jax.jit(model.init)(jax.random.key(seed), images)
+def init_variables(model, rng: int | jax.Array = 0, image_shape: tuple[int, int] = (_INIT_SIZE, _INIT_SIZE)):
+    """Freshly initialised variables (HF's initialisation scheme), the same values as `model.init`.
+
+    Compiled at XLA optimisation level 0 on CPU: the init graph (one threefry stream per
+    parameter, the forward pass dead) is cheap to run but took XLA:CPU's optimiser 3x longer."""
+    rng = jax.random.key(rng) if isinstance(rng, int) else rng
+    images = jnp.zeros((1, *image_shape, model.config.num_channels), jnp.float32)
+    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+    return jax.jit(model.init).lower(rng, images).compile(compiler_options=options)(rng, images)
 
 
 def variable_shapes(model) -> dict[str, Any]:
