@@ -68,7 +68,10 @@ class SegformerConfig:
     num_labels: int = 150                     # segmentation classes (or ImageNet classes)
     semantic_loss_ignore_index: int = 255     # label value ignored by the loss and metrics
     reshape_last_stage: bool = True           # last stage as a feature map (False: tokens B,N,C)
-    layer_norm_eps: float = HF_LAYER_NORM_EPS # 1e-5 for HF weights, 1e-6 for NVlabs originals
+    layer_norm_eps: float = HF_LAYER_NORM_EPS # block and stage norms: 1e-5 for HF weights, 1e-6 for NVlabs
+    # Norms after the patch-embed conv and the attention's reduction conv: 1e-5 in HF and in NVlabs
+    # (whose mix_transformer.py builds those two with nn.LayerNorm's default).
+    embedding_layer_norm_eps: float = HF_LAYER_NORM_EPS
     # Class names; excluded from hashing/equality so the config stays a valid static module field.
     id2label: Mapping[int, str] | None = dataclasses.field(default=None, compare=False, hash=False)
     # How the 3x3 depthwise conv of Mix-FFN is computed: same function, different speed.
@@ -151,7 +154,7 @@ class SegformerConfig:
         elif "num_labels" in d:
             kwargs["num_labels"] = int(d["num_labels"])
         extra = d.get("segformer_jax", {})  # our own fields, written by save_pretrained(format="flax")
-        for k in ("layer_norm_eps", "depthwise_conv_impl", "decode_head_impl"):
+        for k in ("layer_norm_eps", "embedding_layer_norm_eps", "depthwise_conv_impl", "decode_head_impl"):
             if k in extra:
                 kwargs[k] = extra[k]
         try:
@@ -189,6 +192,7 @@ class SegformerConfig:
         d = self.to_hf_dict(architecture)
         if with_impl:
             d["segformer_jax"] = {"layer_norm_eps": self.layer_norm_eps,
+                                  "embedding_layer_norm_eps": self.embedding_layer_norm_eps,
                                   "depthwise_conv_impl": self.depthwise_conv_impl,
                                   "decode_head_impl": self.decode_head_impl}
         return json.dumps(d, indent=2, sort_keys=True) + "\n"

@@ -58,12 +58,14 @@ class MixVisionTransformer(nn.Module):
         offsets = np.cumsum((0,) + cfg.depths)
         # Lists of submodules are named `{attribute}_{index}`: patch_embeddings_0, block_2_5, layer_norm_3.
         self.patch_embeddings = [
-            OverlapPatchEmbed(cfg.hidden_sizes[i], cfg.patch_sizes[i], cfg.strides[i], cfg.layer_norm_eps, self.dtype)
+            OverlapPatchEmbed(cfg.hidden_sizes[i], cfg.patch_sizes[i], cfg.strides[i], cfg.embedding_layer_norm_eps,
+                              self.dtype)
             for i in range(cfg.num_encoder_blocks)]
         self.block = [
             [Block(cfg.hidden_sizes[i], cfg.num_attention_heads[i], cfg.sr_ratios[i], cfg.mlp_ratios[i],
                    rates[offsets[i] + j], cfg.attention_probs_dropout_prob, cfg.hidden_dropout_prob,
-                   cfg.layer_norm_eps, cfg.initializer_range, cfg.depthwise_conv_impl, self.dtype)
+                   cfg.layer_norm_eps, cfg.embedding_layer_norm_eps, cfg.initializer_range,
+                   cfg.depthwise_conv_impl, self.dtype)
              for j in range(cfg.depths[i])]
             for i in range(cfg.num_encoder_blocks)]
         self.layer_norm = [nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype)

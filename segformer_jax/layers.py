@@ -59,7 +59,7 @@ class EfficientSelfAttention(nn.Module):
     num_heads: int
     sr_ratio: int                # 1 = plain attention
     attention_dropout: float = 0.0
-    layer_norm_eps: float = 1e-5
+    reduction_layer_norm_eps: float = 1e-5  # LayerNorm after the reduction conv
     initializer_range: float = 0.02
     dtype: Dtype = jnp.float32
 
@@ -73,7 +73,7 @@ class EfficientSelfAttention(nn.Module):
         if self.sr_ratio > 1:
             x = nn.Conv(c, (self.sr_ratio, self.sr_ratio), strides=self.sr_ratio, padding="VALID",
                         dtype=self.dtype, kernel_init=conv_init(self.sr_ratio, c), name="sr")(x)
-            x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="layer_norm")(x)
+            x = nn.LayerNorm(epsilon=self.reduction_layer_norm_eps, dtype=self.dtype, name="layer_norm")(x)
         kv = x.reshape(b, -1, c)
         k = dense("key")(kv).reshape(b, -1, self.num_heads, head_dim)
         v = dense("value")(kv).reshape(b, -1, self.num_heads, head_dim)
@@ -108,14 +108,15 @@ class Attention(nn.Module):
     sr_ratio: int
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
-    layer_norm_eps: float = 1e-5
+    reduction_layer_norm_eps: float = 1e-5
     initializer_range: float = 0.02
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
         x = EfficientSelfAttention(self.hidden_size, self.num_heads, self.sr_ratio, self.attention_dropout,
-                                   self.layer_norm_eps, self.initializer_range, self.dtype, name="self")(x, train=train)
+                                   self.reduction_layer_norm_eps, self.initializer_range, self.dtype,
+                                   name="self")(x, train=train)
         return SelfOutput(self.hidden_size, self.hidden_dropout, self.initializer_range, self.dtype,
                           name="output")(x, train=train)
 
@@ -214,7 +215,8 @@ class Block(nn.Module):
     drop_path: float = 0.0
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
-    layer_norm_eps: float = 1e-5
+    layer_norm_eps: float = 1e-5            # the block's two pre-norms
+    reduction_layer_norm_eps: float = 1e-5  # the attention's reduction norm
     initializer_range: float = 0.02
     depthwise_conv_impl: str = "auto"
     dtype: Dtype = jnp.float32
@@ -224,7 +226,7 @@ class Block(nn.Module):
         drop_path = DropPath(self.drop_path)
         y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="layer_norm_1")(x)
         y = Attention(self.hidden_size, self.num_heads, self.sr_ratio, self.attention_dropout, self.hidden_dropout,
-                      self.layer_norm_eps, self.initializer_range, self.dtype, name="attention")(y, train=train)
+                      self.reduction_layer_norm_eps, self.initializer_range, self.dtype, name="attention")(y, train=train)
         x = x + drop_path(y, train=train)
         y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="layer_norm_2")(x)
         y = MixFFN(self.hidden_size, self.mlp_ratio, self.hidden_dropout, self.initializer_range,
