@@ -157,7 +157,8 @@ class TiledForward:
     `batch_size` (the last batch is padded with zero tiles): one compilation per tile shape.
     `compilations` counts them (the Python body runs once per trace)."""
 
-    def __init__(self, apply_fn: Callable[[Any, Any], Any], variables: Any, batch_size: int = 4):
+    def __init__(self, apply_fn: Callable[[Any, Any], Any], variables: Any, batch_size: int = 4,
+                 compiler_options: dict | None = None):
         import jax
         from segformer_jax.decode_head import upsample_bilinear
 
@@ -174,11 +175,21 @@ class TiledForward:
             logits = apply_fn(variables, tiles)
             return upsample_bilinear(logits, tiles.shape[1:3])
 
-        self._run = jax.jit(run)
+        self._jitted = jax.jit(run)
+        self._compiled: dict[tuple[int, ...], Any] = {}
+        # e.g. {"xla_backend_optimization_level": 0}: ~2x faster compilation on CPU, slower runs.
+        self.compiler_options = compiler_options
 
     @classmethod
-    def from_model(cls, model, variables, batch_size: int = 4) -> "TiledForward":
-        return cls(model.apply, variables, batch_size)
+    def from_model(cls, model, variables, batch_size: int = 4, compiler_options: dict | None = None) -> "TiledForward":
+        return cls(model.apply, variables, batch_size, compiler_options)
+
+    def _run(self, variables, chunk):
+        compiled = self._compiled.get(chunk.shape)
+        if compiled is None:
+            compiled = self._jitted.lower(variables, chunk).compile(compiler_options=self.compiler_options)
+            self._compiled[chunk.shape] = compiled
+        return compiled(variables, chunk)
 
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
         tiles = np.asarray(tiles, np.float32)

@@ -37,7 +37,8 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(model_dir):
     model, apply_fn, variables = P.load_model(model_dir)
-    return model, inference.TiledForward(apply_fn, variables, batch_size=4)
+    return model, inference.TiledForward(apply_fn, variables, batch_size=4,
+                                         compiler_options={"xla_backend_optimization_level": 0})
 
 
 def _img(h, w, seed):
