@@ -17,9 +17,8 @@ Dtype = Any
 def upsample_bilinear(x, size: tuple[int, int]):
     """Bilinear resize of NHWC `x` to `size`; equals torch `interpolate(align_corners=False)` when
     upsampling (jax.image.resize only antialiases when downsampling)."""
-    if tuple(x.shape[1:3]) == tuple(size):
-        return x
-    return jax.image.resize(x, (x.shape[0], *size, x.shape[3]), method="bilinear")
+    from segformer_jax import kernels  # 2-tap blends, not jax.image.resize's dense weight contraction
+    return kernels.resize_bilinear(x, size)
 
 
 class BatchNorm(nn.Module):

@@ -1,0 +1,78 @@
+"""Shared helpers of the benchmark scripts: the same weights in transformers (torch) and Flax,
+A/B-interleaved timing, peak RSS of a fresh subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+HF_VARIANTS = {
+    "b0": dict(hidden_sizes=[32, 64, 160, 256], depths=[2, 2, 2, 2], decoder_hidden_size=256),
+    "b1": dict(hidden_sizes=[64, 128, 320, 512], depths=[2, 2, 2, 2], decoder_hidden_size=256),
+    "b2": dict(hidden_sizes=[64, 128, 320, 512], depths=[3, 4, 6, 3], decoder_hidden_size=768),
+}
+
+
+def make_models(variant: str, num_labels: int = 150, seed: int = 0):
+    """A randomly initialised transformers SegformerForSemanticSegmentation and the Flax model with
+    the same weights (through save_pretrained / from_pretrained)."""
+    import torch
+    import transformers
+    import segformer_jax
+
+    torch.manual_seed(seed)
+    cfg = transformers.SegformerConfig(num_labels=num_labels, layer_norm_eps=1e-5, **HF_VARIANTS[variant])
+    hf = transformers.SegformerForSemanticSegmentation(cfg).eval()
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        model, variables = segformer_jax.from_pretrained(d)
+    return hf, model, variables
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def interleaved(fns: dict, repeats: int, min_time: float = 0.0) -> dict:
+    """Run each callable `repeats` times, round-robin (A B C A B C ...), so machine load affects all
+    alike. Returns name -> list of seconds. Callables must block until their result is ready."""
+    times = {k: [] for k in fns}
+    start = time.perf_counter()
+    i = 0
+    while i < repeats or (time.perf_counter() - start < min_time and i < 4 * repeats):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+        i += 1
+    return times
+
+
+def med(ts) -> float:
+    return float(np.median(ts))
+
+
+def run_isolated(script: str, args: list[str], timeout: float = 1800) -> dict:
+    """Run `script args` in a fresh Python; it prints one JSON line prefixed with 'RESULT '."""
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=timeout,
+                         cwd=ROOT)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"{script} {' '.join(args)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+
+
+def fmt_ms(s: float) -> str:
+    return f"{s * 1e3:.0f} ms" if s < 10 else f"{s:.1f} s"

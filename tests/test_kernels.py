@@ -1,0 +1,200 @@
+"""The hand-written kernels compute the same function (and gradients) as the plain JAX forms and
+torch. Tiny shapes: the whole file runs in seconds."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from segformer_jax import SegformerConfig, SegformerForSemanticSegmentation, kernels
+from segformer_jax.decode_head import resolve_decode_head_impl, upsample_bilinear
+from segformer_jax.layers import DepthwiseConv3x3, resolve_depthwise_impl
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+DW_SHAPES = [(2, 7, 9, 5), (2, 1, 3, 4), (2, 4, 4, 8), (1, 13, 6, 3)]
+
+
+def _rand(rng, shape):
+    return jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+
+def _dw_args(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    c = shape[-1]
+    return _rand(rng, shape), _rand(rng, (3, 3, 1, c)), _rand(rng, (c,)), _rand(rng, shape)
+
+
+def _torch_dw(x, k, b, cot):
+    """Torch grouped conv on the same weights: output (NHWC) and grads w.r.t. x, kernel, bias."""
+    xt = torch.tensor(np.asarray(x).transpose(0, 3, 1, 2), requires_grad=True)
+    kt = torch.tensor(np.asarray(k).transpose(3, 2, 0, 1), requires_grad=True)  # HWIO -> O I H W
+    bt = torch.tensor(np.asarray(b), requires_grad=True)
+    y = F.conv2d(xt, kt, bt, padding=1, groups=x.shape[-1])
+    (y * torch.tensor(np.asarray(cot).transpose(0, 3, 1, 2))).sum().backward()
+    return (y.detach().numpy().transpose(0, 2, 3, 1), xt.grad.numpy().transpose(0, 2, 3, 1),
+            kt.grad.numpy().transpose(2, 3, 1, 0), bt.grad.numpy())
+
+
+def _vjp(fn, x, k, b, cot):
+    y, vjp = jax.vjp(fn, x, k, b)
+    return (y, *vjp(cot))
+
+
+@pytest.mark.parametrize("shape", DW_SHAPES)
+def test_depthwise_matches_grouped_conv_and_torch(shape):
+    x, k, b, cot = _dw_args(shape)
+    ref = _vjp(kernels.depthwise_conv3x3_native, x, k, b, cot)
+    ours = _vjp(kernels.depthwise_conv3x3, x, k, b, cot)
+    autodiff = _vjp(kernels._dw3x3_forward, x, k, b, cot)  # the same 9 taps, differentiated by JAX
+    tor = _torch_dw(x, k, b, cot)
+    for name, r, o, a, t in zip(("y", "dx", "dkernel", "dbias"), ref, ours, autodiff, tor):
+        assert o.shape == r.shape, name
+        np.testing.assert_allclose(o, r, atol=2e-5, rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(o, a, atol=2e-5, rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(o, t, atol=2e-5, rtol=1e-5, err_msg=name)
+
+
+def test_depthwise_check_grads():
+    x, k, b, _ = _dw_args((2, 5, 3, 3), seed=1)
+    check_grads(kernels.depthwise_conv3x3, (x, k, b), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
+    # Second order through the hand-written VJP (it is itself differentiable).
+    check_grads(lambda x, k, b: jax.grad(lambda *a: jnp.sum(kernels.depthwise_conv3x3(*a) ** 2))(x, k, b),
+                (x, k, b), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
+
+
+def test_depthwise_under_jit_vmap():
+    x, k, b, _ = _dw_args((2, 6, 5, 4), seed=2)
+    y = jax.jit(kernels.depthwise_conv3x3)(x, k, b)
+    yv = jax.vmap(lambda xi: kernels.depthwise_conv3x3(xi[None], k, b)[0])(x)
+    np.testing.assert_allclose(y, kernels.depthwise_conv3x3_native(x, k, b), atol=1e-5)
+    np.testing.assert_allclose(yv, y, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["native", "shifted", "auto"])
+def test_depthwise_module_impls_same_params(impl):
+    x, _, _, cot = _dw_args((2, 7, 5, 6), seed=3)
+    ref_mod = DepthwiseConv3x3(6, impl="native")
+    variables = ref_mod.init(jax.random.key(0), x)
+    variables = jax.tree.map(lambda v: v + 0.1, variables)  # non-zero bias
+    mod = DepthwiseConv3x3(6, impl=impl)
+    assert jax.tree.map(jnp.shape, mod.init(jax.random.key(0), x)) == jax.tree.map(jnp.shape, variables)
+    f = lambda m: jax.value_and_grad(lambda v: jnp.sum(m.apply(v, x) * cot))(variables)
+    (l0, g0), (l1, g1) = f(ref_mod), f(mod)
+    np.testing.assert_allclose(l1, l0, rtol=1e-5)
+    jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, atol=2e-5, rtol=1e-5), g1, g0)
+
+
+def test_auto_impls_on_this_backend():
+    expected = "shifted" if jax.default_backend() == "cpu" else "native"
+    assert resolve_depthwise_impl("auto") == expected
+    assert resolve_decode_head_impl("auto") == "fused"
+    assert resolve_depthwise_impl("native") == "native"
+
+
+RESIZES = [((4, 5), (16, 20)), ((3, 5), (7, 11)), ((5, 3), (5, 12)), ((2, 2), (16, 2)), ((1, 3), (4, 9)),
+           ((6, 4), (13, 17))]
+
+
+@pytest.mark.parametrize("src,dst", RESIZES)
+def test_resize_bilinear_matches_jax_and_torch(src, dst):
+    rng = np.random.default_rng(4)
+    x = _rand(rng, (2, *src, 3))
+    cot = _rand(rng, (2, *dst, 3))
+    y, vjp = jax.vjp(lambda v: kernels.resize_bilinear(v, dst), x)
+    y_ref, vjp_ref = jax.vjp(lambda v: jax.image.resize(v, (2, *dst, 3), "bilinear"), x)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)
+    np.testing.assert_allclose(vjp(cot)[0], vjp_ref(cot)[0], atol=1e-5)
+    xt = torch.tensor(np.asarray(x).transpose(0, 3, 1, 2))
+    yt = F.interpolate(xt, size=dst, mode="bilinear", align_corners=False).numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(y, yt, atol=1e-5)
+    np.testing.assert_allclose(upsample_bilinear(x, dst), y, atol=0)
+
+
+def _torch_ce(logits, labels, ignore_index=255):
+    lt = torch.tensor(np.asarray(logits).transpose(0, 3, 1, 2), requires_grad=True)
+    up = F.interpolate(lt, size=labels.shape[1:], mode="bilinear", align_corners=False)
+    loss = F.cross_entropy(up, torch.tensor(np.asarray(labels)).long(), ignore_index=ignore_index)
+    loss.backward()
+    return loss.item(), lt.grad.numpy().transpose(0, 2, 3, 1)
+
+
+LOSSES = {
+    "reference": kernels.cross_entropy_reference,
+    "fused": kernels.upsampled_cross_entropy,
+    "banded1": functools.partial(kernels.upsampled_cross_entropy_banded, band_rows=1),
+    "banded2": functools.partial(kernels.upsampled_cross_entropy_banded, band_rows=2),
+    "banded_big": functools.partial(kernels.upsampled_cross_entropy_banded, band_rows=64),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("low,high", [((5, 6), (20, 24)), ((4, 4), (8, 16)), ((5, 7), (17, 23))])
+def test_upsampled_cross_entropy_matches_torch(name, low, high):
+    rng = np.random.default_rng(5)
+    logits = _rand(rng, (2, *low, 7))
+    labels = rng.integers(0, 7, size=(2, *high)).astype(np.int32)
+    labels[0, :3] = 255
+    labels[1, :, -2:] = 255
+    loss_t, grad_t = _torch_ce(logits, labels)
+    loss, grad = jax.jit(jax.value_and_grad(LOSSES[name]))(logits, jnp.asarray(labels))
+    np.testing.assert_allclose(loss, loss_t, rtol=1e-5)
+    np.testing.assert_allclose(grad, grad_t, atol=1e-6, rtol=1e-4)
+    # uint8 labels give the same
+    loss8 = LOSSES[name](logits, jnp.asarray(labels.astype(np.uint8)))
+    np.testing.assert_allclose(loss8, loss, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_cross_entropy_all_ignored_is_zero(name):
+    logits = jnp.ones((1, 2, 2, 3))
+    labels = jnp.full((1, 8, 8), 255, jnp.int32)
+    loss, grad = jax.value_and_grad(LOSSES[name])(logits, labels)
+    assert float(loss) == 0.0 and not np.any(np.asarray(grad))
+
+
+def test_cross_entropy_check_grads():
+    rng = np.random.default_rng(6)
+    logits = _rand(rng, (1, 3, 4, 5))
+    labels = jnp.asarray(rng.integers(0, 5, size=(1, 12, 16)))
+    for name in ("fused", "banded1"):
+        check_grads(lambda l: LOSSES[name](l, labels), (logits,), order=1, modes=["rev"], eps=1e-2, atol=1e-2, rtol=1e-2)
+
+
+TINY = dict(hidden_sizes=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_attention_heads=(1, 2, 4, 8),
+            decoder_hidden_size=16, num_labels=5, classifier_dropout_prob=0.0, drop_path_rate=0.0)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (67, 45)])
+def test_fused_head_equals_concat(size):
+    x = jax.random.normal(jax.random.key(1), (2, *size, 3))
+    concat = SegformerForSemanticSegmentation(SegformerConfig(**TINY, decode_head_impl="concat", depthwise_conv_impl="native"))
+    fused = SegformerForSemanticSegmentation(SegformerConfig(**TINY, decode_head_impl="fused", depthwise_conv_impl="shifted"))
+    variables = jax.jit(concat.init)(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, jax.eval_shape(fused.init, jax.random.key(0), x)) == jax.tree.map(jnp.shape, variables)
+    # random BN statistics so the head's affine parts matter
+    stats = jax.tree.map(lambda v: v + 0.3 if v.dtype == jnp.float32 else v, variables["batch_stats"])
+    variables = {"params": variables["params"], "batch_stats": stats}
+    labels = jax.random.randint(jax.random.key(2), (2, *size), 0, 5)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def run(model, variables):
+        def loss(params):
+            logits, mut = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
+                                      mutable=["batch_stats"])
+            return kernels.upsampled_cross_entropy(logits, labels), mut
+        return model.apply(variables, x), jax.value_and_grad(loss, has_aux=True)(variables["params"])
+
+    y0, ((l0, m0), g0) = run(concat, variables)
+    y1, ((l1, m1), g1) = run(fused, variables)
+    np.testing.assert_allclose(y1, y0, atol=1e-5, rtol=1e-5)
+    # train mode: same loss gradients and same batch-stat updates
+    np.testing.assert_allclose(l1, l0, rtol=1e-5)
+    jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, atol=1e-5, rtol=1e-4), g1, g0)
+    jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, atol=1e-5, rtol=1e-5), m1, m0)
