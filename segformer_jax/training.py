@@ -275,6 +275,7 @@ def check_compatible(stored_meta: Mapping, current_meta: Mapping, workdir: str, 
     ignore = ("id2label", "label2id", "depthwise_conv_impl", "decode_head_impl")  # names / speed choices
     def strip(m):
         m = json.loads(json.dumps(m))
+        m.pop("mIoU", None)   # recorded with eval checkpoints, not a property of the model
         for k in ignore:
             m.get("model_config", {}).pop(k, None)
             m.get("model_config", {}).get("segformer_jax", {}).pop(k, None)
@@ -444,8 +445,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
-    if is_main:
-        _write_config(config, workdir)
 
     data_config = config.data
     info = input_pipeline.get_dataset_info(data_config)
@@ -469,6 +468,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             print(f"Resuming from checkpoint at step {latest} in {workdir}", flush=True)
     else:
         state = setup.init_state()
+    if is_main:   # after the compatibility check: a refused resume leaves the workdir untouched
+        _write_config(config, workdir)
     start_step = int(to_host(state.step))
     train_step = setup.train_step
     eval_step = jax.jit(make_eval_step(model, config, info.num_classes, ignore_index),

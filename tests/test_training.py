@@ -315,7 +315,7 @@ def test_workdir_of_a_different_model_is_refused(uninterrupted_run, data_dir):
     shutil.copytree(reference_dir, workdir)
     config = _config_like_run_flags(data_dir)
     config.model.overrides.decoder_hidden_size = 32
-    with pytest.raises(training.TrainingError, match="different model.*decoder_hidden_size"):
+    with pytest.raises(training.TrainingError, match=r"(?s)different model.*decoder_hidden_size: checkpoint 16, now 32"):
         training.train_and_evaluate(config, workdir)
 
 
