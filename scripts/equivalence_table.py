@@ -1,0 +1,47 @@
+"""Measure the agreement of segformer_jax with transformers' PyTorch SegFormer for every preset and
+print the README's markdown table. Random weights (norms perturbed, logits scaled to order 10).
+
+    python scripts/equivalence_table.py --size 256 --variants b0 b1 b2 b3 b4 b5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import segformer_jax as sj  # noqa: E402
+from reference import build_reference, images, max_abs_diff, to_flax, to_nhwc  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--size", type=int, nargs=2, default=(256, 320), help="input height width")
+    p.add_argument("--variants", nargs="+", default=["b0", "b1", "b2", "b3", "b4", "b5"])
+    p.add_argument("--num-labels", type=int, default=150)
+    args = p.parse_args()
+    h, w = args.size
+    print(f"| preset | input | max abs logit | max-abs-diff (shifted dwconv, fused head) | (native conv, concat head) |")
+    print("|---|---|---|---|---|")
+    for variant in args.variants:
+        cfg = sj.SegformerConfig.preset(variant, num_labels=args.num_labels)
+        ref = build_reference(num_labels=args.num_labels, seed=0, image_size=(h, w), hidden_sizes=cfg.hidden_sizes,
+                              depths=cfg.depths, decoder_hidden_size=cfg.decoder_hidden_size)
+        x = images(1, h, w, seed=1)
+        with torch.no_grad():
+            want = to_nhwc(ref(torch.from_numpy(x.transpose(0, 3, 1, 2))).logits)
+        diffs = []
+        for dw, head in [("shifted", "fused"), ("native", "concat")]:
+            model, variables = to_flax(ref, depthwise_conv_impl=dw, decode_head_impl=head)
+            diffs.append(max_abs_diff(jax.jit(model.apply)(variables, x), want))
+        print(f"| {variant} | 1x{h}x{w} | {np.abs(want).max():.1f} | {diffs[0]:.1e} | {diffs[1]:.1e} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
