@@ -194,6 +194,7 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
     for name, devices in (("four", jax.devices()), ("one", jax.devices()[:1])):
         _, setup = t._tiny_setup(config, devices=devices)
         state = setup.init_state()
+        initial = training.to_host(state.params)
         losses[name] = []
         for step in range(2):   # dropout and drop-path on: the random bits must not depend on the sharding
             state, m = setup.train_step(state, training.shard_batch(batch, setup.batch_sharding), setup.train_rng)
@@ -202,10 +203,9 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent("""
         params[name] = training.to_host({{"params": state.params, "batch_stats": state.batch_stats}})
     diffs = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
         lambda a, b: float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))), params["four"], params["one"]))
-    init = t._tiny_setup(config, devices=jax.devices()[:1])[1].init_state()
     moved = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
         lambda a, b: float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))),
-        params["one"]["params"], training.to_host(init.params)))
+        params["one"]["params"], initial))
     print(json.dumps({{"max_abs_diff": max(diffs), "max_update": max(moved), "losses": losses}}))
 """)
 
@@ -323,3 +323,19 @@ def test_unknown_config_override_is_a_clear_error(tmp_path, data_dir, compile_ca
     out = _run_train_py(str(tmp_path / "w"), data_dir, compile_cache, "--config.optimizer.lerning_rate=1e-3")
     assert out.returncode != 0
     assert "lerning_rate" in out.stderr and not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+@pytest.mark.slow
+def test_default_run_reaches_target_miou_within_ten_minutes(tmp_path):
+    """`python train.py` as a user runs it (cold compilation cache): <= 10 minutes, mIoU >= 0.85."""
+    import time
+    start = time.time()
+    out = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), f"--workdir={tmp_path / 'run'}",
+                          "--config.progress_bar=False"], capture_output=True, text=True, cwd=REPO, timeout=1800,
+                         env={**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache")})
+    minutes = (time.time() - start) / 60
+    assert out.returncode == 0, out.stderr[-4000:]
+    results = json.loads((tmp_path / "run" / "eval_results.json").read_text())
+    print(f"default run: {minutes:.1f} min, mIoU {results['mIoU']:.4f}")
+    assert results["mIoU"] >= 0.85
+    assert minutes <= 10, "slower than 10 minutes (is the CPU shared with other jobs?)"
