@@ -42,7 +42,25 @@ def make_models(variant: str, num_labels: int = 150, seed: int = 0):
 
 
 def peak_rss_mb() -> float:
+    """Peak resident set size of this process (VmHWM; resettable with reset_peak_rss)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def reset_peak_rss() -> None:
+    """Reset the peak RSS to the current RSS (Linux: `echo 5 > /proc/self/clear_refs`), so that the
+    set-up (building both models, converting weights) does not count towards the measured peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def interleaved(fns: dict, repeats: int, min_time: float = 0.0) -> dict:

@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import fmt_ms, interleaved, make_models, med, peak_rss_mb, run_isolated  # noqa: E402
+from common import fmt_ms, interleaved, make_models, med, peak_rss_mb, reset_peak_rss, run_isolated  # noqa: E402
 
 CROP, STRIDE = 1024, 768
 
@@ -104,17 +104,19 @@ def single(args):
     impl, variant, case, batch = args.single.split(",")
     x, slide = case_input(case, int(batch))
     hf, model, variables = make_models(variant)
-    gc.collect()
-    base = peak_rss_mb()
     if impl == "flax":
         del hf
-        gc.collect()
+    gc.collect()
+    base = peak_rss_mb()
+    reset_peak_rss()
+    base = min(base, peak_rss_mb())
+    if impl == "flax":
         run, _ = flax_runner(model, variables, x, slide)
     else:
         run, _ = torch_runner(hf, x, slide, impl == "torch.compile")
     for _ in range(2):
         run()
-    print("RESULT " + json.dumps(dict(peak_rss_mb=peak_rss_mb(), base_mb=base)))
+    print("RESULT " + json.dumps(dict(peak_rss_mb=peak_rss_mb(), base_mb=base, peak_delta_mb=peak_rss_mb() - base)))
 
 
 def main():
@@ -162,15 +164,15 @@ def main():
                                  compile_s=compile_s[k], rss=rss, diff=diff))
                 print(f"  {k:14s} median {fmt_ms(med(ts))}  x{med(ts) / eager:.2f} eager"
                       + (f"  x{vc:.2f} torch.compile" if vc else "")
-                      + (f"  peak RSS {rss['peak_rss_mb']:.0f} MB" if rss else ""), flush=True)
+                      + (f"  peak RSS {rss['peak_rss_mb']:.0f} MB (+{rss['peak_delta_mb']:.0f} over idle)" if rss else ""), flush=True)
         del hf, model, variables
         gc.collect()
 
-    print("\n| case | implementation | median | vs eager | vs torch.compile | compile / 1st call | peak RSS |")
+    print("\n| case | implementation | median | vs eager | vs torch.compile | compile / 1st call | peak RSS (+ over idle) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         vc = f"{r['vs_compile']:.2f}x" if r["vs_compile"] else "-"
-        rss = f"{r['rss']['peak_rss_mb']:.0f} MB" if r["rss"] else "-"
+        rss = f"{r['rss']['peak_rss_mb']:.0f} MB (+{r['rss']['peak_delta_mb']:.0f})" if r["rss"] else "-"
         print(f"| {r['label']} | {r['impl']} | {fmt_ms(r['median'])} | {r['vs_eager']:.2f}x | {vc} | "
               f"{r['compile_s']:.1f} s | {rss} |")
 

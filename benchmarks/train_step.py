@@ -27,7 +27,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import fmt_ms, interleaved, make_models, med, peak_rss_mb, run_isolated  # noqa: E402
+from common import fmt_ms, interleaved, make_models, med, peak_rss_mb, reset_peak_rss, run_isolated  # noqa: E402
 
 LR, WD = 6e-5, 0.01
 
@@ -143,6 +143,7 @@ def single(args) -> None:
         bind = make_jax_step(model, variables, v)
     gc.collect()
     base = current_rss_mb()
+    reset_peak_rss()
     run, compile_s, mem = bind(x, y)
     for _ in range(args.steps):
         run()
