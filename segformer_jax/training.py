@@ -360,8 +360,10 @@ class TrainingSetup(NamedTuple):
 
 
 def build_training(config, model, pretrained=None, *, num_classes: int, ignore_index: int = 255,
-                   devices=None) -> TrainingSetup:
-    """Optimiser, shardings over a 'data' mesh of `devices` (default: all), and the jitted step."""
+                   devices=None, compiler_options: dict | None = None) -> TrainingSetup:
+    """Optimiser, shardings over a 'data' mesh of `devices` (default: all), and the jitted step.
+    compiler_options: XLA options of the train step, e.g. {"xla_backend_optimization_level": 0} in tests
+    (faster compiles on CPU, slower steps)."""
     mesh = make_mesh(devices)
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P("data"))
@@ -382,7 +384,8 @@ def build_training(config, model, pretrained=None, *, num_classes: int, ignore_i
 
     train_step = jax.jit(make_train_step(config, num_classes, lr_schedule, ignore_index),
                          in_shardings=(state_sharding, batch_sharding, replicated),
-                         out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+                         out_shardings=(state_sharding, replicated), donate_argnums=(0,),
+                         compiler_options=compiler_options)
     return TrainingSetup(mesh, replicated, batch_sharding, state_sharding, abstract_state, init_state, train_step,
                          train_rng, lr_schedule)
 
