@@ -31,10 +31,7 @@ def test_loss_equals_hugging_face_torch_loss(tmp_path):
     clf = variables["params"]["decode_head"]["classifier"]
     clf["kernel"] = clf["kernel"] * 50.0
     save_pretrained(model, variables, tmp_path / "hf", format="hf")
-    # ignore_mismatched_sizes: save_pretrained(format="hf") writes BN num_batches_tracked with shape (1,)
-    # where torch has (); it is a counter that does not enter the eval-mode forward.
-    torch_model = transformers.SegformerForSemanticSegmentation.from_pretrained(
-        tmp_path / "hf", ignore_mismatched_sizes=True).eval()
+    torch_model = transformers.SegformerForSemanticSegmentation.from_pretrained(tmp_path / "hf").eval()
 
     images = np.random.default_rng(1).standard_normal((2, 64, 48, 3)).astype(np.float32)
     labels = _labels((2, 64, 48), TINY.num_labels, seed=2)
