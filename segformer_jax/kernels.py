@@ -126,7 +126,10 @@ def resize_bilinear(x, size):
     `jax.image.resize(method='bilinear')`. jax.image.resize contracts with dense (out x in) weight
     matrices (for 128 -> 512 that is 128 multiply-adds per output where 2 suffice); here each axis is
     2-tap blends (integer factors: shifted slices, interleaved; other factors: a static gather).
-    Falls back to jax.image.resize when downsampling (which antialiases)."""
+    Falls back to jax.image.resize when downsampling (which antialiases) and for symbolic shapes
+    (jax.export with polymorphic height/width), where the blend positions are not static."""
+    if not all(isinstance(d, (int, np.integer)) for d in (*size, *x.shape[1:3])):
+        return jax.image.resize(x, (x.shape[0], *size, x.shape[3]), method="bilinear")
     size = tuple(int(s) for s in size)
     if tuple(x.shape[1:3]) == size:
         return x
