@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from segformer_jax.inference import slide_windows  # mmseg's window grid, shared with predict
 from segformer_jax.kernels import resize_bilinear
 
 # Flush the on-device int32 matrix to the host int64 one before 2^31 pixels can have been counted.
@@ -133,22 +134,6 @@ def predict_whole(logits_fn: Callable, images, out_size=None):
     """Whole-image inference: logits of the full image, upsampled to `out_size` (default: image size)."""
     out_size = tuple(out_size or images.shape[1:3])
     return upsample_logits(logits_fn(images), out_size)
-
-
-def slide_windows(height: int, width: int, crop: Sequence[int], stride: Sequence[int]):
-    """Window boxes (y1, y2, x1, x2) of mmseg `slide_inference`: a regular grid with the last window of
-    each axis moved back so that it ends at the border; windows never exceed the image."""
-    (h_crop, w_crop), (h_stride, w_stride) = crop, stride
-    h_grids = max(height - h_crop + h_stride - 1, 0) // h_stride + 1
-    w_grids = max(width - w_crop + w_stride - 1, 0) // w_stride + 1
-    boxes = []
-    for h_idx in range(h_grids):
-        for w_idx in range(w_grids):
-            y1, x1 = h_idx * h_stride, w_idx * w_stride
-            y2, x2 = min(y1 + h_crop, height), min(x1 + w_crop, width)
-            y1, x1 = max(y2 - h_crop, 0), max(x2 - w_crop, 0)
-            boxes.append((y1, y2, x1, x2))
-    return boxes
 
 
 def predict_slide(logits_fn: Callable, images, crop: Sequence[int], stride: Sequence[int], num_classes: int,

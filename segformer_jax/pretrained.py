@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,8 +36,13 @@ def init_variables(model, rng: int | jax.Array = 0, image_shape: tuple[int, int]
     parameter, the forward pass dead) is cheap to run but took XLA:CPU's optimiser 3x longer."""
     rng = jax.random.key(rng) if isinstance(rng, int) else rng
     images = jnp.zeros((1, *image_shape, model.config.num_channels), jnp.float32)
-    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-    return jax.jit(model.init).lower(rng, images).compile(compiler_options=options)(rng, images)
+    return jax.jit(model.init).lower(rng, images).compile(compiler_options=init_compiler_options())(rng, images)
+
+
+def init_compiler_options() -> dict | None:
+    """Initialisation is one random draw per parameter, run once: XLA:CPU's LLVM optimisation of its
+    many small fusions takes minutes and buys nothing, so it is compiled unoptimised there."""
+    return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
 
 
 def variable_shapes(model) -> dict[str, Any]:
@@ -206,18 +212,11 @@ def save_pretrained(model, variables: Mapping[str, Any], out_dir: str | os.PathL
 
     if format not in ("flax", "hf"):
         raise ValueError(f"format={format!r}; choose 'flax' or 'hf'")
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists and is not empty; pass overwrite=True to replace it")
     variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
     _check_fits(model, variables)
     arch = architecture_name(model)
-
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
-        host = jax.tree_util.tree_map(np.asarray, jax.device_get(variables))
+    host = jax.tree_util.tree_map(np.asarray, jax.device_get(variables))
+    with atomic_directory(out_dir, overwrite=overwrite) as staging:
         if format == "hf":
             checkpoint_io.save_safetensors(flax_to_torch_state(host), os.path.join(staging, "model.safetensors"))
             config_text = model.config.to_json_string(arch)
@@ -229,10 +228,24 @@ def save_pretrained(model, variables: Mapping[str, Any], out_dir: str | os.PathL
             config_text = model.config.to_json_string(arch, with_impl=True)
         with open(os.path.join(staging, CONFIG_NAME), "w") as f:
             f.write(config_text)
+    return os.path.abspath(os.fspath(out_dir))
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | os.PathLike, *, overwrite: bool = False):
+    """Yield a staging directory that becomes `out_dir` only when the block completes: a failure
+    leaves nothing behind, and an existing non-empty `out_dir` is replaced only with overwrite=True."""
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists and is not empty; pass overwrite=True to replace it")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        yield staging
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir) if os.path.isdir(out_dir) else os.remove(out_dir)
         os.rename(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return out_dir

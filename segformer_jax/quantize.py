@@ -150,13 +150,8 @@ def save_quantized(model, qvariables: Mapping[str, Any], out_dir: str | os.PathL
     flat_in = jax.tree_util.tree_leaves(qvariables, is_leaf=_is_qleaf)
     if not any(_is_qleaf(x) for x in flat_in):
         qvariables = quantize_variables(qvariables)
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists and is not empty; pass overwrite=True to replace it")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
+    from segformer_jax.pretrained import atomic_directory
+    with atomic_directory(out_dir, overwrite=overwrite) as staging:
         info = {"format": FORMAT, "scheme": "symmetric per-output-channel int8, kernels only"}
         save_file(_flatten(jax.device_get(qvariables)), os.path.join(staging, QUANTIZED_WEIGHTS_NAME),
                   metadata={"format": FORMAT, "quantization": json.dumps(info)})
@@ -165,13 +160,7 @@ def save_quantized(model, qvariables: Mapping[str, Any], out_dir: str | os.PathL
         with open(os.path.join(staging, "config.json"), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir) if os.path.isdir(out_dir) else os.remove(out_dir)
-        os.rename(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir
+    return os.path.abspath(os.fspath(out_dir))
 
 
 def load_quantized(path: str | os.PathLike, *, dequantize: bool = False, config=None):

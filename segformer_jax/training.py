@@ -44,6 +44,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from segformer_jax import losses, metrics, optim
 from segformer_jax.config import SegformerConfig
 from segformer_jax.model import SegformerForSemanticSegmentation
+from segformer_jax.pretrained import init_compiler_options, init_variables
 
 logger = logging.getLogger("segformer_jax.training")
 
@@ -128,17 +129,9 @@ def build_model(config, class_names) -> tuple[SegformerForSemanticSegmentation, 
     return SegformerForSemanticSegmentation(model_config, dtype=dtype), None
 
 
-def _init_compiler_options() -> dict | None:
-    """Initialisation is one random draw per parameter, run once: on XLA:CPU, LLVM's optimisation of its
-    many small fusions takes minutes (even for a tiny model, on a busy 2-core machine) and buys nothing,
-    so compile it unoptimised there."""
-    return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-
-
 def init_model_variables(model, rng, image_shape=(64, 64, 3)) -> dict:
-    """`model.init` compiled quickly (see `_init_compiler_options`); same values as `model.init`."""
-    images = jnp.zeros((1, *image_shape), jnp.float32)
-    return jax.jit(model.init).lower(rng, images).compile(compiler_options=_init_compiler_options())(rng, images)
+    """`model.init`, compiled quickly; same values (see `pretrained.init_variables`)."""
+    return init_variables(model, rng, tuple(image_shape[:2]))
 
 
 def create_train_state(model, tx, rng, image_shape, variables=None) -> TrainState:
@@ -380,7 +373,7 @@ def build_training(config, model, pretrained=None, *, num_classes: int, ignore_i
 
     def init_state():
         lowered = jax.jit(make_state, out_shardings=state_sharding).lower(pretrained)
-        return lowered.compile(compiler_options=_init_compiler_options())(pretrained)
+        return lowered.compile(compiler_options=init_compiler_options())(pretrained)
 
     train_step = jax.jit(make_train_step(config, num_classes, lr_schedule, ignore_index),
                          in_shardings=(state_sharding, batch_sharding, replicated),
