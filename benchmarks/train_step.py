@@ -19,7 +19,6 @@ model forward in jax.checkpoint (saves memory, costs a second forward).
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import json
 import os

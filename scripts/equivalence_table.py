@@ -27,7 +27,7 @@ def main():
     p.add_argument("--num-labels", type=int, default=150)
     args = p.parse_args()
     h, w = args.size
-    print(f"| preset | input | max abs logit | max-abs-diff (shifted dwconv, fused head) | (native conv, concat head) |")
+    print("| preset | input | max abs logit | max-abs-diff (shifted dwconv, fused head) | (native conv, concat head) |")
     print("|---|---|---|---|---|")
     for variant in args.variants:
         cfg = sj.SegformerConfig.preset(variant, num_labels=args.num_labels)

@@ -12,7 +12,6 @@ batch size) come from --config.
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import app, flags, logging

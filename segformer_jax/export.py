@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from segformer_jax.preprocess import IMAGENET_MEAN, IMAGENET_STD
 

@@ -11,7 +11,6 @@ Conventions (mmseg `mean_iou` / `IoUMetric`):
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from typing import Callable, Mapping, Sequence

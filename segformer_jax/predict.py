@@ -23,7 +23,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 

@@ -450,8 +450,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     accum = max(int(config.optimizer.grad_accum_steps), 1)
     total_steps = int(config.total_steps) * accum          # micro-batches; total_steps counts updates
     setup = build_training(config, model, pretrained, num_classes=info.num_classes, ignore_index=ignore_index)
-    mesh, replicated, batch_sharding = setup.mesh, setup.replicated, setup.batch_sharding
-    state_sharding, abstract_state = setup.state_sharding, setup.abstract_state
+    replicated, batch_sharding, abstract_state = setup.replicated, setup.batch_sharding, setup.abstract_state
     train_rng = setup.train_rng
 
     manager = make_checkpoint_manager(os.path.join(workdir, CHECKPOINT_DIR), config)

@@ -11,7 +11,7 @@ import torch
 import transformers
 
 import segformer_jax as sj
-from reference import TINY, build_reference, flax_config, images, max_abs_diff, to_flax, to_nhwc
+from reference import TINY, build_reference, images, max_abs_diff, to_flax, to_nhwc
 from segformer_jax import layers
 from segformer_jax.decode_head import DecodeHead
 from segformer_jax.encoder import MixVisionTransformer

@@ -18,7 +18,7 @@ from reference import TINY, build_reference, images, max_abs_diff, to_nhwc
 from segformer_jax.config import ConfigError
 from weights_convert import __main__ as cli
 from weights_convert.checkpoint_io import CheckpointFileError
-from weights_convert.convert import ConversionError, torch_state_to_flax
+from weights_convert.convert import ConversionError
 from weights_convert.mapping import normalize_hf
 
 

@@ -60,10 +60,9 @@ host), so hosts see disjoint examples. Pass ``jax.process_index()`` /
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import threading
-from typing import Any, Iterator, Optional
+from typing import Iterator
 
 import ml_collections
 import numpy as np
