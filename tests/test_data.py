@@ -13,8 +13,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
-tf = pytest.importorskip("tensorflow")
-tfds = pytest.importorskip("tensorflow_datasets")
+import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from segformer_jax.data import folder as folder_lib  # noqa: E402
 from segformer_jax.data import input_pipeline as ip  # noqa: E402

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 F = torch.nn.functional
 
 import segformer_jax as sj  # noqa: E402

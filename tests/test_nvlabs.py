@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 
 import segformer_jax as sj  # noqa: E402
 from weights_convert import mapping, nvlabs  # noqa: E402
