@@ -5,20 +5,10 @@ iterations, batch 16, AdamW 6e-5, poly, reduce-zero-label, whole-image eval at s
         --config.model.init_from=path/to/mit-b2     # ImageNet encoder, as in the paper
 """
 
-import importlib.util
-import os
-
-
-def _common():
-    spec = importlib.util.spec_from_file_location(
-        "segformer_configs_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from segformer_jax import recipes as common
 
 
 def get_config(arg=None):
-    common = _common()
     from segformer_jax.data import input_pipeline
     variant = common.parse_variant(arg, "b0")
     data = input_pipeline.dataset_preset("scene_parse150")   # reduce_zero_label on (dataset default)

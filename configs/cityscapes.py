@@ -5,20 +5,10 @@ crops, 160k iterations, batch 8 (8 GPUs x 1), sliding-window eval 1024x1024 stri
     python train.py --config configs/cityscapes.py:b2 --workdir runs/cs_b2 --config.model.init_from=mit-b2
 """
 
-import importlib.util
-import os
-
-
-def _common():
-    spec = importlib.util.spec_from_file_location(
-        "segformer_configs_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from segformer_jax import recipes as common
 
 
 def get_config(arg=None):
-    common = _common()
     from segformer_jax.data import input_pipeline
     variant = common.parse_variant(arg, "b0")
     data = input_pipeline.dataset_preset("cityscapes")   # crop (1024, 1024), scale (2048, 1024)

@@ -5,20 +5,10 @@
 From scratch and this short, the paper's 6e-5 would barely move: the lr is higher and the warmup short.
 """
 
-import importlib.util
-import os
-
-
-def _common():
-    spec = importlib.util.spec_from_file_location(
-        "segformer_configs_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from segformer_jax import recipes as common
 
 
 def get_config(arg=None):
-    common = _common()
     from segformer_jax.data import input_pipeline
     tiny = arg == "tiny"                    # `configs/default.py:tiny`: a tiny model on 64x64 data, for tests
     variant = common.parse_variant(None if tiny else arg, "b0")

@@ -4,20 +4,10 @@ recipe: 512x512 crops, 20k iterations, batch 8, the paper's optimiser.
     python train.py --config configs/pets.py:b0 --workdir runs/pets_b0 --config.model.init_from=mit-b0
 """
 
-import importlib.util
-import os
-
-
-def _common():
-    spec = importlib.util.spec_from_file_location(
-        "segformer_configs_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from segformer_jax import recipes as common
 
 
 def get_config(arg=None):
-    common = _common()
     from segformer_jax.data import input_pipeline
     variant = common.parse_variant(arg, "b0")
     data = input_pipeline.dataset_preset("oxford_iiit_pet")

@@ -1,6 +1,8 @@
 """The SegFormer training recipe shared by every config (NVlabs mmseg `schedule_160k` + AdamW).
 
-Not a config itself: `configs/<dataset>.py` load it with `load_common()` and override what differs.
+Not a config itself: `configs/<dataset>.py` start from `paper_recipe` and override what differs.
+It lives in the package (not in configs/) because config files are loaded by path, where sibling
+imports do not work.
 """
 
 import ml_collections
