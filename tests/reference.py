@@ -82,3 +82,14 @@ def max_abs_diff(a, b) -> float:
     a, b = np.asarray(a), np.asarray(b)
     assert a.shape == b.shape, (a.shape, b.shape)
     return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+
+
+def random_variables(model, seed: int = 0) -> dict:
+    """Random weights of order 0.3 for a Flax model (no torch involved), with a valid BatchNorm state."""
+    rng = np.random.default_rng(seed)
+    variables = jax.tree_util.tree_map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(s.dtype),
+                                       variable_shapes(model))
+    bn = variables["batch_stats"]["decode_head"]["batch_norm"]
+    bn["var"] = np.ones_like(bn["var"])
+    bn["num_batches_tracked"] = np.zeros((), np.int32)
+    return variables

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import segformer_jax as sj
+from reference import random_variables
 from segformer_jax import export as E
-from segformer_jax.pretrained import variable_shapes
 
 TINY = dict(hidden_sizes=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_attention_heads=(1, 1, 1, 2),
             decoder_hidden_size=16, num_labels=5)
@@ -20,11 +20,7 @@ TINY = dict(hidden_sizes=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_attention_hea
 @pytest.fixture(scope="module")
 def tiny():
     model = sj.SegformerForSemanticSegmentation(sj.SegformerConfig(**TINY))
-    rng = np.random.default_rng(0)
-    variables = jax.tree_util.tree_map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(s.dtype),
-                                       variable_shapes(model))
-    variables["batch_stats"]["decode_head"]["batch_norm"]["var"] = np.ones(16, np.float32)
-    variables["batch_stats"]["decode_head"]["batch_norm"]["num_batches_tracked"] = np.zeros((), np.int32)
+    variables = random_variables(model, seed=0)
     apply = jax.jit(model.apply)
     cache = {}
 

@@ -12,6 +12,7 @@ import pytest
 
 import torch
 import transformers
+from reference import perturb_norms
 
 import segformer_jax as sj  # noqa: E402
 from weights_convert import mapping, nvlabs  # noqa: E402
@@ -22,15 +23,9 @@ TINY = dict(hidden_sizes=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_attention_hea
 
 
 def _perturb_norms(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    perturb_norms(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, (torch.nn.LayerNorm, torch.nn.BatchNorm2d)):
-                mod.weight.copy_(1 + 0.3 * torch.randn(mod.weight.shape, generator=g))
-                mod.bias.copy_(0.2 * torch.randn(mod.bias.shape, generator=g))
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.copy_(0.2 * torch.randn(mod.running_mean.shape, generator=g))
-                mod.running_var.copy_(0.5 + torch.rand(mod.running_var.shape, generator=g))
         # Distinct biases for q/k/v so a key/value swap in the kv split cannot pass unnoticed.
         for name, p in model.named_parameters():
             if name.endswith("bias") and p.ndim == 1:

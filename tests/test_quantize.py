@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 import segformer_jax as sj
+from reference import random_variables
 from segformer_jax import quantize as Q
-from segformer_jax.pretrained import variable_shapes
 
 TINY = dict(hidden_sizes=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_attention_heads=(1, 1, 1, 2),
             decoder_hidden_size=16, num_labels=5)
@@ -21,11 +21,7 @@ TINY = dict(hidden_sizes=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_attention_hea
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     model = sj.SegformerForSemanticSegmentation(sj.SegformerConfig(**TINY))
-    rng = np.random.default_rng(0)
-    variables = jax.tree_util.tree_map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(s.dtype),
-                                       variable_shapes(model))
-    variables["batch_stats"]["decode_head"]["batch_norm"]["var"] = np.ones(16, np.float32)
-    variables["batch_stats"]["decode_head"]["batch_norm"]["num_batches_tracked"] = np.zeros((), np.int32)
+    variables = random_variables(model, seed=0)
     root = tmp_path_factory.mktemp("q")
     f32_dir = sj.save_pretrained(model, variables, root / "f32", format="hf")
     q_dir = Q.save_quantized(model, Q.quantize_variables(variables), root / "int8")
