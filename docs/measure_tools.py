@@ -1,4 +1,4 @@
-"""Measurements quoted in docs/tools.md: predict over 200 mixed-size images (compilations, time)
+"""Measurements quoted in the README (Tools section): predict over 200 mixed-size images (compilations, time)
 and int8 weight-only quantization (size, speed, pixel agreement, mIoU) on a trained model.
 
     .venv/bin/python docs/measure_tools.py --model /tmp/learn_run/final [--images 200] [--eval 64]

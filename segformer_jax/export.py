@@ -17,7 +17,7 @@ The weights are constants inside the artifact. Inputs are float32 NHWC ImageNet-
 `model.apply` (uint8_input=True bakes `normalize_images` in); upsample=True returns logits at the
 input size instead of 1/4.
 
-`export_tflite` tries the TFLite converter on the SavedModel; see docs/tools.md for the outcome.
+`export_tflite` tries the TFLite converter on the SavedModel; see the README (Export section) for the outcome.
 """
 
 from __future__ import annotations

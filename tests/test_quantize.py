@@ -42,7 +42,7 @@ def test_checkpoint_smaller_and_logits_close(tiny):
     model, variables, f32_dir, q_dir = tiny
     f32_bytes = os.path.getsize(os.path.join(f32_dir, "model.safetensors"))
     q_bytes = os.path.getsize(os.path.join(q_dir, Q.QUANTIZED_WEIGHTS_NAME))
-    # The tiny model's biases/norms are a large share of its parameters; b0 reaches ~3.9x (docs/tools.md).
+    # The tiny model's biases/norms are a large share of its parameters; b0 reaches ~3.9x (README, int8 section).
     assert f32_bytes / q_bytes > 2.5
     loaded_model, qvars = Q.load_quantized(q_dir)
     leaf = qvars["params"]["segformer"]["encoder"]["block_0_0"]["mlp"]["dense1"]["kernel"]

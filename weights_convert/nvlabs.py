@@ -32,7 +32,7 @@ LayerNorm epsilon: NVlabs `mix_transformer.py` builds every mit_bX with
 `norm_layer=partial(nn.LayerNorm, eps=1e-6)`, which reaches the block norms (norm1, norm2) and the
 stage norms (norm1..norm4) only; `OverlapPatchEmbed.norm` and `Attention.norm` (after the
 spatial-reduction conv) are plain `nn.LayerNorm(dim)`, i.e. eps=1e-5. `from_pretrained` sets
-`layer_norm_eps=1e-6` for these sources; see docs/tools.md for the per-norm detail.
+`layer_norm_eps=1e-6` for these sources; see the README (NVlabs section) for the per-norm detail.
 """
 
 from __future__ import annotations
