@@ -94,3 +94,13 @@ def run_isolated(script: str, args: list[str], timeout: float = 1800) -> dict:
 
 def fmt_ms(s: float) -> str:
     return f"{s * 1e3:.0f} ms" if s < 10 else f"{s:.1f} s"
+
+
+def fmt_ratio(x) -> str:
+    """A table cell for an optional ratio ('-' when not measured)."""
+    return f"{x:.2f}x" if x else "-"
+
+
+def fmt_rss(rss) -> str:
+    """A table cell for an optional peak-RSS measurement from run_isolated."""
+    return f"{rss['peak_rss_mb']:.0f} MB (+{rss['peak_delta_mb']:.0f})" if rss else "-"

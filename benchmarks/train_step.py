@@ -26,7 +26,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import fmt_ms, interleaved, make_models, med, peak_rss_mb, reset_peak_rss, run_isolated  # noqa: E402
+from common import fmt_ms, fmt_ratio, fmt_rss, interleaved, make_models, med, peak_rss_mb, reset_peak_rss, run_isolated  # noqa: E402
 
 LR, WD = 6e-5, 0.01
 
@@ -203,8 +203,7 @@ def main():
     print("\n| model | batch | implementation | step (median) | vs eager | vs torch.compile | compile / 1st step | peak RSS (+ over idle) | XLA temp |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        vc = f"{r['vs_compile']:.2f}x" if r["vs_compile"] else "-"
-        rss = f"{r['rss']['peak_rss_mb']:.0f} MB (+{r['rss']['peak_delta_mb']:.0f})" if r["rss"] else "-"
+        vc, rss = fmt_ratio(r["vs_compile"]), fmt_rss(r["rss"])
         xla = f"{r['xla']['temp_mb']:.0f} MB" if r["xla"] else "-"
         print(f"| {r['variant']} | {r['batch']} | {r['impl']} | {fmt_ms(r['median'])} | {r['vs_eager']:.2f}x | {vc} | "
               f"{r['compile_s']:.1f} s | {rss} | {xla} |")
