@@ -78,6 +78,12 @@ class SegformerConfig:
     depthwise_conv_impl: str = "auto"
     # How the decode head fuses the four stages: concat-then-1x1 or per-stage 1x1 then sum.
     decode_head_impl: str = "auto"
+    # Each stage's blocks as one `lax.scan` (parameters stacked on the fly, tree unchanged): the
+    # compiled program holds one block per stage, so compile time no longer grows with depth.
+    scan_blocks: bool = False
+    # Recompute each block's activations in the backward pass instead of keeping them: less training
+    # memory for large crops, at the cost of about one more encoder forward.
+    remat_blocks: bool = False
 
     def __post_init__(self):
         for name in _TUPLE_FIELDS:

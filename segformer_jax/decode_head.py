@@ -58,6 +58,25 @@ class BatchNorm(nn.Module):
         return y.astype(self.dtype)
 
 
+class Conv1x1(nn.Module):
+    """torch `Conv2d(kernel_size=1)`: parameters of `nn.Conv((1, 1))` (kernel (1, 1, in, out)),
+    computed as a matmul over channels. XLA:CPU differentiates a 1x1 conv into a convolution with a
+    full-image window for the kernel gradient, several times slower than the matmul it is."""
+
+    features: int
+    use_bias: bool = True
+    kernel_init: Any = nn.initializers.lecun_normal()
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jnp.dot(x, kernel[0, 0])
+        return y if bias is None else y + bias
+
+
 class MLP(nn.Module):
     """Per-stage linear layer to the decoder width (HF `decode_head.linear_c.i.proj`)."""
 
@@ -94,7 +113,7 @@ class DecodeHead(nn.Module):
         n, d = cfg.num_encoder_blocks, cfg.decoder_hidden_size
         size = features[0].shape[1:3]
         projections = [MLP(d, cfg.initializer_range, self.dtype, name=f"linear_c_{i}") for i in range(n)]
-        fuse = nn.Conv(d, (1, 1), use_bias=False, dtype=self.dtype, kernel_init=conv_init(1, d), name="linear_fuse")
+        fuse = Conv1x1(d, use_bias=False, kernel_init=conv_init(1, d), dtype=self.dtype, name="linear_fuse")
 
         if resolve_decode_head_impl(cfg.decode_head_impl) == "concat" or self.is_initializing():
             upsampled = [upsample_bilinear(proj(f), size) for proj, f in zip(projections, features)]
@@ -105,7 +124,7 @@ class DecodeHead(nn.Module):
         x = BatchNorm(dtype=self.dtype, name="batch_norm")(x, train=train)
         x = nn.relu(x)
         x = nn.Dropout(cfg.classifier_dropout_prob, deterministic=not train)(x)
-        return nn.Conv(cfg.num_labels, (1, 1), dtype=self.dtype, kernel_init=conv_init(1, cfg.num_labels),
+        return Conv1x1(cfg.num_labels, kernel_init=conv_init(1, cfg.num_labels), dtype=self.dtype,
                        name="classifier")(x)
 
     def _fused(self, features, size):

@@ -6,11 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from segformer_jax.config import SegformerConfig
-from segformer_jax.layers import Block, OverlapPatchEmbed
+from segformer_jax.layers import Block, LayerNorm, OverlapPatchEmbed
 
 Dtype = Any
 
@@ -61,22 +62,57 @@ class MixVisionTransformer(nn.Module):
             OverlapPatchEmbed(cfg.hidden_sizes[i], cfg.patch_sizes[i], cfg.strides[i], cfg.embedding_layer_norm_eps,
                               self.dtype)
             for i in range(cfg.num_encoder_blocks)]
-        self.block = [
-            [Block(cfg.hidden_sizes[i], cfg.num_attention_heads[i], cfg.sr_ratios[i], cfg.mlp_ratios[i],
-                   rates[offsets[i] + j], cfg.attention_probs_dropout_prob, cfg.hidden_dropout_prob,
-                   cfg.layer_norm_eps, cfg.embedding_layer_norm_eps, cfg.initializer_range,
-                   cfg.depthwise_conv_impl, self.dtype)
-             for j in range(cfg.depths[i])]
-            for i in range(cfg.num_encoder_blocks)]
-        self.layer_norm = [nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype)
+        self.block = [[self._make_block(i, rates[offsets[i] + j]) for j in range(cfg.depths[i])]
+                      for i in range(cfg.num_encoder_blocks)]
+        self.layer_norm = [LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype)
                            for _ in range(cfg.num_encoder_blocks)]
+
+    def _make_block(self, stage: int, drop_path, *, unbound: bool = False) -> Block:
+        cfg = self.config
+        kwargs = {"parent": None} if unbound else {}  # unbound: a template for Block.apply
+        return Block(cfg.hidden_sizes[stage], cfg.num_attention_heads[stage], cfg.sr_ratios[stage],
+                     cfg.mlp_ratios[stage], drop_path, cfg.attention_probs_dropout_prob, cfg.hidden_dropout_prob,
+                     cfg.layer_norm_eps, cfg.embedding_layer_norm_eps, cfg.initializer_range,
+                     cfg.depthwise_conv_impl, self.dtype, **kwargs)
 
     def stage(self, x, index: int, *, train: bool = False):
         """Stage `index` (0-based) on the previous stage's NHWC output (or the images)."""
         x = self.patch_embeddings[index](x)
-        for block in self.block[index]:
-            x = block(x, train=train)
+        if (self.config.scan_blocks or self.config.remat_blocks) and not self.is_initializing():
+            x = self._blocks_functional(x, index, train)
+        else:
+            for block in self.block[index]:
+                x = block(x, train=train)
         return self.layer_norm[index](x)
+
+    def _blocks_functional(self, x, index: int, train: bool):
+        """The blocks of stage `index` as pure functions of their parameters, so that they can be
+        scanned (one compiled block per stage) and/or rematerialised. Same parameters, same function
+        as the module path; dropout keys are drawn per block from one key of the stage."""
+        cfg = self.config
+        depth = cfg.depths[index]
+        first = sum(cfg.depths[:index])
+        rates = cfg.drop_path_rates[first:first + depth]
+        params = [self.variables["params"][f"block_{index}_{j}"] for j in range(depth)]
+        random = train and (max(rates) > 0 or cfg.hidden_dropout_prob > 0 or cfg.attention_probs_dropout_prob > 0)
+        keys = jax.random.split(self.make_rng("dropout"), depth) if random else None
+
+        def block(x, block_params, rate, key):
+            if not random:   # drop path is the identity: keep its rate static (rate may be traced here)
+                return self._make_block(index, 0.0, unbound=True).apply({"params": block_params}, x, train=train)
+            return self._make_block(index, rate, unbound=True).apply({"params": block_params}, x, train=train,
+                                                                     rngs={"dropout": key})
+
+        if cfg.remat_blocks:
+            block = jax.checkpoint(block)
+        if not cfg.scan_blocks or depth == 1:
+            for j in range(depth):
+                x = block(x, params[j], rates[j], keys[j] if random else None)
+            return x
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *params)
+        xs = (stacked, jnp.asarray(rates, jnp.float32), keys if random else jnp.zeros((depth,)))
+        x, _ = jax.lax.scan(lambda carry, inputs: (block(carry, *inputs), None), x, xs)
+        return x
 
     def __call__(self, x, *, train: bool = False) -> tuple[jnp.ndarray, ...]:
         features = []

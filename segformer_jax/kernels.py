@@ -3,6 +3,10 @@
 Each function here computes the same function as its straightforward counterpart (up to float
 rounding); tests/test_kernels.py checks values and gradients against the plain JAX form and torch.
 
+    layer_norm                LayerNorm over the last axis, two-pass statistics in float32,
+                              hand-written VJP (one fused pass forward, one backward)
+    attention                 softmax(q k^T / sqrt(d)) v with a hand-written VJP (row sums of the
+                              softmax backward over head_dim, not over the keys)
     depthwise_conv3x3         3x3 depthwise conv as 9 shifted multiply-adds, hand-written VJP
     resize_bilinear           bilinear upsampling (torch align_corners=False) as 2-tap blends
     upsampled_cross_entropy   bilinear upsample of logits + softmax CE with ignore index, whose
@@ -12,10 +16,106 @@ rounding); tests/test_kernels.py checks values and gradients against the plain J
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# ----------------------------------------------------------------------------- layer norm
+
+
+def _ln_stats(x, eps):
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return x, mean, jax.lax.rsqrt(var + eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x, scale, bias, eps: float):
+    """torch `F.layer_norm(x, (C,), weight=scale, bias=bias, eps=eps)` over the last axis; statistics
+    in float32 whatever the input dtype, output in x's dtype.
+
+    Autodiff of the textbook form leaves XLA a dozen small fusions per norm and keeps several
+    full-size intermediates for the backward pass; this VJP keeps only x and two per-token scalars
+    and computes dx, dscale and dbias from one recomputed normalised x."""
+    return _layer_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+    x32, mean, rstd = _ln_stats(x, eps)
+    y = (x32 - mean) * rstd * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(x.dtype), (x, scale, bias, mean, rstd)
+
+
+def _layer_norm_bwd(eps, res, g):
+    del eps
+    x, scale, bias, mean, rstd = res
+    g = g.astype(jnp.float32)
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    gs = g * scale.astype(jnp.float32)
+    dx = rstd * (gs - jnp.mean(gs, axis=-1, keepdims=True) - xhat * jnp.mean(gs * xhat, axis=-1, keepdims=True))
+    batch_axes = tuple(range(x.ndim - 1))
+    dscale = jnp.sum(g * xhat, axis=batch_axes)
+    dbias = jnp.sum(g, axis=batch_axes)
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+def layer_norm_reference(x, scale, bias, eps: float):
+    """The textbook form, differentiated by autodiff (tests compare the two)."""
+    x32, mean, rstd = _ln_stats(x, eps)
+    return ((x32 - mean) * rstd * scale + bias).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _attention_parts(q, k, v):
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v), probs
+
+
+@jax.custom_vjp
+def attention(q, k, v):
+    """Multi-head attention core: q (B, N, heads, d), k and v (B, M, heads, d) -> (B, N, heads, d).
+
+    The VJP is the usual one except for the softmax's row sums: sum_k(p * dp) over the M keys equals
+    sum_d(dout * out) over head_dim (FlashAttention's D), an (N, d) product instead of an (N, M) one;
+    XLA:CPU also runs that long multiply-reduce badly."""
+    return _attention_parts(q, k, v)[0]
+
+
+def _attention_fwd(q, k, v):
+    out, probs = _attention_parts(q, k, v)
+    return out, (q, k, v, probs, out)
+
+
+def _attention_bwd(res, g):
+    q, k, v, probs, out = res
+    g = g.astype(out.dtype)
+    dv = jnp.einsum("bhqk,bqhd->bkhd", probs, g)
+    dprobs = jnp.einsum("bqhd,bkhd->bhqk", g, v)
+    row = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)       # (B, N, heads)
+    row = jnp.transpose(row, (0, 2, 1))[..., None]                                   # (B, heads, N, 1)
+    dscores = (probs.astype(jnp.float32) * (dprobs.astype(jnp.float32) - row)
+               / math.sqrt(q.shape[-1])).astype(q.dtype)
+    dq = jnp.einsum("bhqk,bkhd->bqhd", dscores, k)
+    dk = jnp.einsum("bhqk,bqhd->bkhd", dscores, q)
+    return dq, dk, dv
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def attention_reference(q, k, v):
+    """The same function differentiated by autodiff (tests compare the two)."""
+    return _attention_parts(q, k, v)[0]
+
 
 # ----------------------------------------------------------------------------- depthwise conv
 
@@ -57,8 +157,10 @@ def _dw3x3_bwd(res, g):
         for j in range(3):
             term = gp[:, i:i + h, j:j + w, :] * kernel[2 - i, 2 - j, 0]
             dx = term if dx is None else dx + term
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    taps = [jnp.sum(xp[:, i:i + h, j:j + w, :] * g, axis=(0, 1, 2), dtype=jnp.float32)
+    # dkernel[i, j] = sum(x * g shifted by (1 - i, 1 - j)): the shifted copies are of g, made here,
+    # not of x, whose padded slices XLA would otherwise share with the forward pass and keep alive
+    # from the forward to the backward pass (8 activation-sized buffers per block).
+    taps = [jnp.sum(x * gp[:, 2 - i:2 - i + h, 2 - j:2 - j + w, :], axis=(0, 1, 2), dtype=jnp.float32)
             for i in range(3) for j in range(3)]
     dkernel = jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
     dbias = jnp.sum(g, axis=(0, 1, 2), dtype=jnp.float32).astype(bias.dtype)
@@ -90,28 +192,70 @@ def _linear_taps(n_in: int, n_out: int):
     return i0, i1, (1.0 - w1), w1
 
 
+def _phase_weights(s: int) -> np.ndarray:
+    """Integer upsampling factor s: output s*k + r = x[k] * w[r, 0] + x[k-1] * w[r, 1] + x[k+1] * w[r, 2]
+    (neighbours edge-clamped); the weights depend on the phase r only."""
+    w = np.zeros((s, 3))
+    for r in range(s):
+        d = (r + 0.5) / s - 0.5
+        w[r] = (1.0 + d, -d, 0.0) if d < 0 else (1.0 - d, 0.0, d)
+    return w
+
+
+def _shift(x, axis: int, direction: int):
+    """x shifted by one along axis with edge replication: direction -1 gives x[k-1], +1 gives x[k+1]."""
+    n = x.shape[axis]
+    if direction < 0:
+        return jnp.concatenate([jax.lax.slice_in_dim(x, 0, 1, axis=axis), jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)],
+                               axis=axis)
+    return jnp.concatenate([jax.lax.slice_in_dim(x, 1, n, axis=axis), jax.lax.slice_in_dim(x, n - 1, n, axis=axis)],
+                           axis=axis)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _upsample_axis_int(x, axis: int, s: int):
+    """Bilinear upsampling by the integer factor s along `axis`: s elementwise blends of x and its
+    edge-clamped shifts, interleaved."""
+    dt = x.dtype
+    prev, nxt = _shift(x, axis, -1), _shift(x, axis, +1)
+    phases = [x * jnp.asarray(a, dt) + prev * jnp.asarray(b, dt) + nxt * jnp.asarray(c, dt) if b or c
+              else x * jnp.asarray(a, dt) for a, b, c in _phase_weights(s)]
+    out = jnp.stack(phases, axis=axis + 1)
+    return out.reshape(x.shape[:axis] + (x.shape[axis] * s,) + x.shape[axis + 1:])
+
+
+def _upsample_axis_int_fwd(x, axis, s):
+    return _upsample_axis_int(x, axis, s), None
+
+
+def _upsample_axis_int_bwd(axis, s, _, g):
+    # The transpose reads each output gradient once: a (s -> 3) contraction per input position gives
+    # what it sends to itself and to its two neighbours. (Autodiff's slices-and-pads form lets XLA
+    # fuse the producer of g into every tap, recomputing e.g. the loss's exp several times.)
+    n_in = g.shape[axis] // s
+    grouped = g.reshape(g.shape[:axis] + (n_in, s) + g.shape[axis + 1:])
+    sent = jnp.moveaxis(jnp.tensordot(grouped, jnp.asarray(_phase_weights(s), g.dtype), axes=[[axis + 1], [0]]), -1, 0)
+    own, to_prev, to_next = sent[0], sent[1], sent[2]
+    zero = jnp.zeros_like(jax.lax.slice_in_dim(own, 0, 1, axis=axis))
+    first = jax.lax.slice_in_dim(to_prev, 0, 1, axis=axis)          # block 0's 'previous' is itself
+    last = jax.lax.slice_in_dim(to_next, n_in - 1, n_in, axis=axis)  # the last block's 'next' is itself
+    from_next = jnp.concatenate([jax.lax.slice_in_dim(to_prev, 1, n_in, axis=axis), zero], axis=axis)
+    from_prev = jnp.concatenate([zero, jax.lax.slice_in_dim(to_next, 0, n_in - 1, axis=axis)], axis=axis)
+    edges = jnp.concatenate([first, jnp.zeros_like(jax.lax.slice_in_dim(own, 0, n_in - 2, axis=axis)), last],
+                            axis=axis) if n_in > 1 else first + last
+    return (own + from_next + from_prev + edges,)
+
+
+_upsample_axis_int.defvjp(_upsample_axis_int_fwd, _upsample_axis_int_bwd)
+
+
 def _resize_axis(x, axis: int, n_out: int):
     n_in = x.shape[axis]
     if n_in == n_out:
         return x
     dt = x.dtype
     if n_out % n_in == 0:
-        # Integer factor s: output s*k + r blends x[k] with x[k-1] or x[k+1] at weights that depend on
-        # the phase r only, so it is s elementwise blends of x and its edge-clamped shifts, interleaved.
-        s = n_out // n_in
-        first = jax.lax.slice_in_dim(x, 0, 1, axis=axis)
-        last = jax.lax.slice_in_dim(x, n_in - 1, n_in, axis=axis)
-        prev = jnp.concatenate([first, jax.lax.slice_in_dim(x, 0, n_in - 1, axis=axis)], axis=axis)
-        nxt = jnp.concatenate([jax.lax.slice_in_dim(x, 1, n_in, axis=axis), last], axis=axis)
-        phases = []
-        for r in range(s):
-            d = (r + 0.5) / s - 0.5
-            if d < 0:
-                phases.append(x * jnp.asarray(1.0 + d, dt) + prev * jnp.asarray(-d, dt))
-            else:
-                phases.append(x * jnp.asarray(1.0 - d, dt) + nxt * jnp.asarray(d, dt))
-        out = jnp.stack(phases, axis=axis + 1)
-        return out.reshape(x.shape[:axis] + (n_out,) + x.shape[axis + 1:])
+        return _upsample_axis_int(x, axis, n_out // n_in)
     i0, i1, w0, w1 = _linear_taps(n_in, n_out)
     shape = [1] * x.ndim
     shape[axis] = n_out

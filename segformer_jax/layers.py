@@ -35,6 +35,20 @@ def torch_padding(kernel_size: int):
     return ((p, p), (p, p))
 
 
+class LayerNorm(nn.Module):
+    """LayerNorm over channels with torch's parameters (`scale` = weight, `bias`) and semantics,
+    computed by `kernels.layer_norm` (hand-written VJP; same parameters as `nn.LayerNorm`)."""
+
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32   # output dtype; statistics are float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+        return kernels.layer_norm(x.astype(self.dtype), scale, bias, self.epsilon)
+
+
 class OverlapPatchEmbed(nn.Module):
     """Strided conv with overlapping windows (kernel > stride), then LayerNorm (HF `patch_embeddings.i`)."""
 
@@ -49,7 +63,7 @@ class OverlapPatchEmbed(nn.Module):
         x = nn.Conv(self.hidden_size, (self.patch_size, self.patch_size), strides=self.stride,
                     padding=torch_padding(self.patch_size), dtype=self.dtype,
                     kernel_init=conv_init(self.patch_size, self.hidden_size), name="proj")(x)
-        return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="layer_norm")(x)
+        return LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="layer_norm")(x)
 
 
 class EfficientSelfAttention(nn.Module):
@@ -75,15 +89,18 @@ class EfficientSelfAttention(nn.Module):
         if self.sr_ratio > 1:
             x = nn.Conv(c, (self.sr_ratio, self.sr_ratio), strides=self.sr_ratio, padding="VALID",
                         dtype=self.dtype, kernel_init=conv_init(self.sr_ratio, c), name="sr")(x)
-            x = nn.LayerNorm(epsilon=self.reduction_layer_norm_eps, dtype=self.dtype, name="layer_norm")(x)
+            x = LayerNorm(epsilon=self.reduction_layer_norm_eps, dtype=self.dtype, name="layer_norm")(x)
         kv = x.reshape(b, -1, c)
         k = dense("key")(kv).reshape(b, -1, self.num_heads, head_dim)
         v = dense("value")(kv).reshape(b, -1, self.num_heads, head_dim)
 
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
-        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
-        probs = nn.Dropout(self.attention_dropout, deterministic=not train)(probs)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        if train and self.attention_dropout > 0:   # dropout on the probabilities: plain autodiff form
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
+            probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
+            probs = nn.Dropout(self.attention_dropout, deterministic=False)(probs)
+            out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        else:
+            out = kernels.attention(q, k, v)
         return out.reshape(b, h, w, c)
 
 
@@ -185,11 +202,11 @@ class DWConv(nn.Module):
 class DropPath(nn.Module):
     """Stochastic depth: drop the whole residual branch per sample, rescale the kept ones."""
 
-    rate: float = 0.0
+    rate: float = 0.0            # a Python float, or a traced scalar when the blocks are scanned
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
-        if self.rate == 0.0 or not train:
+        if not train or (isinstance(self.rate, (int, float)) and self.rate == 0.0):
             return x
         keep = 1.0 - self.rate
         mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
@@ -215,11 +232,11 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, *, train: bool = False):
         drop_path = DropPath(self.drop_path)
-        y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="layer_norm_1")(x)
+        y = LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="layer_norm_1")(x)
         y = Attention(self.hidden_size, self.num_heads, self.sr_ratio, self.attention_dropout, self.hidden_dropout,
                       self.reduction_layer_norm_eps, self.initializer_range, self.dtype, name="attention")(y, train=train)
         x = x + drop_path(y, train=train)
-        y = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="layer_norm_2")(x)
+        y = LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="layer_norm_2")(x)
         y = MixFFN(self.hidden_size, self.mlp_ratio, self.hidden_dropout, self.initializer_range,
                    self.depthwise_conv_impl, self.dtype, name="mlp")(y, train=train)
         return x + drop_path(y, train=train)

@@ -21,6 +21,7 @@ import numpy as np
 
 from segformer_jax.config import ConfigError, SegformerConfig
 from segformer_jax.model import ARCHITECTURES, architecture_name
+from segformer_jax.xla_options import init_compiler_options
 
 logger = logging.getLogger("segformer_jax")
 
@@ -37,12 +38,6 @@ def init_variables(model, rng: int | jax.Array = 0, image_shape: tuple[int, int]
     rng = jax.random.key(rng) if isinstance(rng, int) else rng
     images = jnp.zeros((1, *image_shape, model.config.num_channels), jnp.float32)
     return jax.jit(model.init).lower(rng, images).compile(compiler_options=init_compiler_options())(rng, images)
-
-
-def init_compiler_options() -> dict | None:
-    """Initialisation is one random draw per parameter, run once: XLA:CPU's LLVM optimisation of its
-    many small fusions takes minutes and buys nothing, so it is compiled unoptimised there."""
-    return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
 
 
 def variable_shapes(model) -> dict[str, Any]:

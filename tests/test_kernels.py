@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -207,3 +208,89 @@ def test_fused_head_equals_concat(size):
     np.testing.assert_allclose(l1, l0, rtol=1e-5)
     jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, atol=1e-5, rtol=1e-4), g1, g0)
     jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, atol=1e-5, rtol=1e-5), m1, m0)
+
+
+# ----------------------------------------------------------------------------- layer norm, attention
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 16), (3, 33)])
+def test_layer_norm_matches_torch_values_and_grads(shape):
+    rng = np.random.default_rng(7)
+    x = _rand(rng, shape) * 3 + 1
+    scale, bias, cot = _rand(rng, shape[-1:]) + 1, _rand(rng, shape[-1:]), _rand(rng, shape)
+    y, vjp = jax.vjp(lambda *a: kernels.layer_norm(*a, 1e-5), x, scale, bias)
+    y_ref, vjp_ref = jax.vjp(lambda *a: kernels.layer_norm_reference(*a, 1e-5), x, scale, bias)
+    np.testing.assert_allclose(y, y_ref, atol=1e-6)
+    for got, want in zip(vjp(cot), vjp_ref(cot)):
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+    xt, st, bt = (torch.tensor(np.asarray(a), requires_grad=True) for a in (x, scale, bias))
+    yt = F.layer_norm(xt, shape[-1:], st, bt, 1e-5)
+    yt.backward(torch.tensor(np.asarray(cot)))
+    np.testing.assert_allclose(y, yt.detach().numpy(), atol=1e-5)
+    for got, want in zip(vjp(cot), (xt.grad, st.grad, bt.grad)):
+        np.testing.assert_allclose(got, want.numpy(), atol=2e-5, rtol=1e-5)
+
+
+def test_layer_norm_module_same_params_as_flax():
+    from segformer_jax.layers import LayerNorm
+
+    x = jnp.ones((2, 3, 8))
+    ours = LayerNorm().init(jax.random.key(0), x)
+    flax_ln = nn.LayerNorm().init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, ours) == jax.tree.map(jnp.shape, flax_ln)
+
+
+@pytest.mark.parametrize("n,m,heads,d", [(24, 6, 2, 8), (16, 16, 1, 4)])
+def test_attention_matches_torch_values_and_grads(n, m, heads, d):
+    rng = np.random.default_rng(8)
+    q, k, v = _rand(rng, (2, n, heads, d)), _rand(rng, (2, m, heads, d)), _rand(rng, (2, m, heads, d))
+    cot = _rand(rng, (2, n, heads, d))
+    y, vjp = jax.vjp(kernels.attention, q, k, v)
+    y_ref, vjp_ref = jax.vjp(kernels.attention_reference, q, k, v)
+    np.testing.assert_allclose(y, y_ref, atol=1e-6)
+    for got, want in zip(vjp(cot), vjp_ref(cot)):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    qt, kt, vt = (torch.tensor(np.asarray(a).transpose(0, 2, 1, 3), requires_grad=True) for a in (q, k, v))
+    yt = F.scaled_dot_product_attention(qt, kt, vt)
+    yt.backward(torch.tensor(np.asarray(cot).transpose(0, 2, 1, 3)))
+    np.testing.assert_allclose(y, yt.detach().numpy().transpose(0, 2, 1, 3), atol=1e-5)
+    for got, want in zip(vjp(cot), (qt.grad, kt.grad, vt.grad)):
+        np.testing.assert_allclose(got, want.numpy().transpose(0, 2, 1, 3), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- scanned / rematerialised blocks
+
+
+@pytest.mark.parametrize("changes", [dict(scan_blocks=True), dict(remat_blocks=True),
+                                     dict(scan_blocks=True, remat_blocks=True)])
+def test_scanned_and_rematerialised_blocks_are_the_same_function(changes):
+    """Same parameters, same logits, loss and gradients as the plain module path; with stochastic
+    depth on, the scanned path runs and draws its own masks."""
+    from segformer_jax import SegformerForSemanticSegmentation
+    from segformer_jax.pretrained import init_variables
+
+    cfg = SegformerConfig(**{**TINY, "depths": (2, 3, 1, 2)})
+    plain = SegformerForSemanticSegmentation(cfg)
+    variant = SegformerForSemanticSegmentation(cfg.replace(**changes))
+    variables = init_variables(plain, 0, (32, 48))
+    assert jax.tree.map(jnp.shape, init_variables(variant, 0, (32, 48))) == jax.tree.map(jnp.shape, variables)
+    x = jax.random.normal(jax.random.key(1), (2, 32, 48, 3))
+    labels = jax.random.randint(jax.random.key(2), (2, 32, 48), 0, 5)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def run(model):
+        def loss(params):
+            logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
+                                    mutable=["batch_stats"])
+            return kernels.upsampled_cross_entropy(logits, labels)
+        return model.apply(variables, x), jax.value_and_grad(loss)(variables["params"])
+
+    y0, (l0, g0) = run(plain)
+    y1, (l1, g1) = run(variant)
+    np.testing.assert_allclose(y1, y0, atol=1e-5)
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, atol=1e-6, rtol=1e-5), g1, g0)
+
+    dropping = SegformerForSemanticSegmentation(cfg.replace(drop_path_rate=0.5, **changes))
+    out, _ = dropping.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(3)})
+    assert np.isfinite(np.asarray(out)).all() and np.abs(np.asarray(out) - np.asarray(y0)).max() > 1e-3
