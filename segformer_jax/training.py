@@ -45,7 +45,7 @@ from segformer_jax import losses, metrics, optim
 from segformer_jax.config import SegformerConfig
 from segformer_jax.model import SegformerForSemanticSegmentation
 from segformer_jax.pretrained import init_variables
-from segformer_jax.xla_options import compiler_options as default_compiler_options, init_compiler_options
+from segformer_jax.xla_options import init_compiler_options, train_compiler_options
 
 logger = logging.getLogger("segformer_jax.training")
 
@@ -356,8 +356,8 @@ class TrainingSetup(NamedTuple):
 def build_training(config, model, pretrained=None, *, num_classes: int, ignore_index: int = 255,
                    devices=None, compiler_options: dict | None = None) -> TrainingSetup:
     """Optimiser, shardings over a 'data' mesh of `devices` (default: all), and the jitted step.
-    compiler_options: XLA options of the train step (default: `xla_options.compiler_options()`), e.g.
-        {"xla_backend_optimization_level": 0} in tests
+    compiler_options: XLA options of the train step (None: `xla_options.train_compiler_options()`;
+        {}: XLA's defaults), e.g. {"xla_backend_optimization_level": 0} in tests
     (faster compiles on CPU, slower steps)."""
     mesh = make_mesh(devices)
     replicated = NamedSharding(mesh, P())
@@ -380,7 +380,7 @@ def build_training(config, model, pretrained=None, *, num_classes: int, ignore_i
     train_step = jax.jit(make_train_step(config, num_classes, lr_schedule, ignore_index),
                          in_shardings=(state_sharding, batch_sharding, replicated),
                          out_shardings=(state_sharding, replicated), donate_argnums=(0,),
-                         compiler_options=compiler_options or default_compiler_options())
+                         compiler_options=train_compiler_options() if compiler_options is None else compiler_options)
     return TrainingSetup(mesh, replicated, batch_sharding, state_sharding, abstract_state, init_state, train_step,
                          train_rng, lr_schedule)
 

@@ -87,3 +87,17 @@ def test_train_step_compiles_once(tiny):
     assert jstep._cache_size() == 1
     assert c["n"] == 1, f"{c['n']} compilations over 4 steps"
     assert all(np.isfinite(losses))
+
+
+def test_train_compiler_options_drop_what_this_xla_does_not_know(monkeypatch):
+    from segformer_jax import xla_options
+
+    assert xla_options.train_compiler_options("tpu") is None
+    known = xla_options.train_compiler_options("cpu")
+    assert known == xla_options._CPU_OPTIONS   # every option is understood by the pinned jaxlib
+    monkeypatch.setitem(xla_options._CPU_OPTIONS, "xla_cpu_no_such_option_anywhere", True)
+    assert xla_options.train_compiler_options("cpu") == known
+    # and the options compile a real program, with the same result as XLA's defaults
+    f = jax.jit(lambda x: jnp.sum(jnp.tanh(x) * x, axis=-1))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 64)), jnp.float32)
+    np.testing.assert_allclose(f.lower(x).compile(compiler_options=known)(x), f(x), rtol=1e-6)
