@@ -106,7 +106,7 @@ def to_host(tree):
 def _model_overrides(model_config) -> dict:
     """SegformerConfig fields set from config.model (regularisation and implementation choices)."""
     keys = ("drop_path_rate", "classifier_dropout_prob", "hidden_dropout_prob", "attention_probs_dropout_prob",
-            "depthwise_conv_impl", "decode_head_impl")
+            "depthwise_conv_impl", "decode_head_impl", "scan_blocks", "remat_blocks")
     out = {k: model_config[k] for k in keys if k in model_config and model_config[k] is not None}
     overrides = model_config.get("overrides") or {}
     out.update({k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in dict(overrides).items()})
