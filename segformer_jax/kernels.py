@@ -217,10 +217,16 @@ def _upsample_axis_int(x, axis: int, s: int):
     """Bilinear upsampling by the integer factor s along `axis`: s elementwise blends of x and its
     edge-clamped shifts, interleaved."""
     dt = x.dtype
-    prev, nxt = _shift(x, axis, -1), _shift(x, axis, +1)
-    phases = [x * jnp.asarray(a, dt) + prev * jnp.asarray(b, dt) + nxt * jnp.asarray(c, dt) if b or c
-              else x * jnp.asarray(a, dt) for a, b, c in _phase_weights(s)]
-    out = jnp.stack(phases, axis=axis + 1)
+    neighbours = ((_shift(x, axis, -1), 1), (_shift(x, axis, +1), 2))
+
+    def blend(weights):   # only the taps with a nonzero weight (two per phase)
+        out = x * jnp.asarray(weights[0], dt)
+        for shifted, tap in neighbours:
+            if weights[tap]:
+                out = out + shifted * jnp.asarray(weights[tap], dt)
+        return out
+
+    out = jnp.stack([blend(w) for w in _phase_weights(s)], axis=axis + 1)
     return out.reshape(x.shape[:axis] + (x.shape[axis] * s,) + x.shape[axis + 1:])
 
 
