@@ -74,10 +74,24 @@ def layer_norm_reference(x, scale, bias, eps: float):
 # ----------------------------------------------------------------------------- attention
 
 
+def _over_sqrt_head_dim(x):
+    # 1/sqrt(d) is applied to (M, d) key-side arrays, never to the (N, M) scores: XLA:CPU's YNNPACK dot
+    # fusions take in a scaling multiply and then need its scalar broadcast to (N, M) as a real buffer.
+    return x * jnp.asarray(1.0 / math.sqrt(x.shape[-1]), x.dtype)
+
+
+def _heads_first(x):
+    """(B, N, heads, d) <-> (B, heads, N, d). Every product below is a plain batched matmul over
+    (B, heads) in this layout; with einsums over the (B, N, heads, d) layout XLA:CPU transposed the
+    (N, M) probabilities and the output around the second matmul (2-3.6x slower attention)."""
+    return jnp.swapaxes(x, 1, 2)
+
+
 def _attention_parts(q, k, v):
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    """Heads-first q, k, v -> heads-first output and the probabilities (B, heads, N, M)."""
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, _over_sqrt_head_dim(k))
     probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v), probs
+    return jnp.einsum("bhqk,bhkd->bhqd", probs, v), probs
 
 
 @jax.custom_vjp
@@ -87,26 +101,26 @@ def attention(q, k, v):
     The VJP is the usual one except for the softmax's row sums: sum_k(p * dp) over the M keys equals
     sum_d(dout * out) over head_dim (FlashAttention's D), an (N, d) product instead of an (N, M) one;
     XLA:CPU also runs that long multiply-reduce badly."""
-    return _attention_parts(q, k, v)[0]
+    return attention_reference(q, k, v)
 
 
 def _attention_fwd(q, k, v):
+    q, k, v = _heads_first(q), _heads_first(k), _heads_first(v)
     out, probs = _attention_parts(q, k, v)
-    return out, (q, k, v, probs, out)
+    return _heads_first(out), (q, k, v, probs, out)
 
 
 def _attention_bwd(res, g):
-    q, k, v, probs, out = res
-    g = g.astype(out.dtype)
-    dv = jnp.einsum("bhqk,bqhd->bkhd", probs, g)
-    dprobs = jnp.einsum("bqhd,bkhd->bhqk", g, v)
-    row = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)       # (B, N, heads)
-    row = jnp.transpose(row, (0, 2, 1))[..., None]                                   # (B, heads, N, 1)
-    dscores = (probs.astype(jnp.float32) * (dprobs.astype(jnp.float32) - row)
-               / math.sqrt(q.shape[-1])).astype(q.dtype)
-    dq = jnp.einsum("bhqk,bkhd->bqhd", dscores, k)
-    dk = jnp.einsum("bhqk,bqhd->bkhd", dscores, q)
-    return dq, dk, dv
+    q, k, v, probs, out = res                     # heads first
+    g = _heads_first(g.astype(out.dtype))
+    dv = jnp.einsum("bhqk,bhqd->bhkd", probs, g)
+    dprobs = jnp.einsum("bhqd,bhkd->bhqk", g, v)
+    row = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)   # (B, heads, N, 1)
+    # d(loss)/d(scores); the 1/sqrt(d) goes onto the (M, d) keys and key gradient, as in the forward
+    dscores = (probs.astype(jnp.float32) * (dprobs.astype(jnp.float32) - row)).astype(q.dtype)
+    dq = jnp.einsum("bhqk,bhkd->bhqd", dscores, _over_sqrt_head_dim(k))
+    dk = _over_sqrt_head_dim(jnp.einsum("bhqk,bhqd->bhkd", dscores, q))
+    return _heads_first(dq), _heads_first(dk), _heads_first(dv)
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)
@@ -114,7 +128,7 @@ attention.defvjp(_attention_fwd, _attention_bwd)
 
 def attention_reference(q, k, v):
     """The same function differentiated by autodiff (tests compare the two)."""
-    return _attention_parts(q, k, v)[0]
+    return _heads_first(_attention_parts(_heads_first(q), _heads_first(k), _heads_first(v))[0])
 
 
 # ----------------------------------------------------------------------------- depthwise conv
