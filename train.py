@@ -12,6 +12,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from segformer_jax.xla_options import DEFAULT_COMPILATION_CACHE, enable_compilation_cache
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -21,19 +23,16 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", os.path.join(_HERE, "runs", "default"),
                                "Directory for checkpoints, logs and the final model (resumed if it exists).")
 _CACHE = flags.DEFINE_string(
-    "compilation_cache", os.environ.get("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/segformer_jax/xla")),
+    "compilation_cache", DEFAULT_COMPILATION_CACHE,
     "Persistent XLA compilation cache ('' = off): a resumed run skips recompiling the same programs.")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    import jax
     from segformer_jax import training
     logging.set_verbosity(logging.WARNING)
-    if _CACHE.value:
-        jax.config.update("jax_compilation_cache_dir", _CACHE.value)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    enable_compilation_cache(_CACHE.value)
     training.maybe_initialize_distributed(_CONFIG.value)
     training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

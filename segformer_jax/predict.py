@@ -27,7 +27,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from segformer_jax import inference, palettes
+from segformer_jax import inference, palettes, xla_options
 
 logger = logging.getLogger("segformer_jax")
 
@@ -321,12 +321,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colours")
     p.add_argument("--no-overlay", action="store_true", help="write label maps only")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--compilation-cache", default=xla_options.DEFAULT_COMPILATION_CACHE,
+                   help="persistent XLA compilation cache folder ('' = off): a rerun with the same model and "
+                        "sizes loads its compiled programs instead of compiling them (default %(default)s)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    xla_options.enable_compilation_cache(args.compilation_cache)
     try:
         ratios = tuple(float(r) for r in args.ratios.split(",") if r.strip())
         bucket = None if args.bucket.lower() == "none" else int(args.bucket)

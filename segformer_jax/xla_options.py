@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -51,3 +52,16 @@ def init_compiler_options(backend: str | None = None) -> dict | None:
     many small fusions takes minutes and buys nothing, so it is compiled unoptimised there."""
     backend = backend or jax.default_backend()
     return {"xla_backend_optimization_level": 0} if backend == "cpu" else None
+
+
+DEFAULT_COMPILATION_CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR",
+                                           os.path.expanduser("~/.cache/segformer_jax/xla"))
+
+
+def enable_compilation_cache(path: str | None = DEFAULT_COMPILATION_CACHE, min_compile_seconds: float = 1.0) -> None:
+    """Turn on JAX's persistent compilation cache at `path` ('' or None: leave it off). The command-line
+    tools call this: a second run with the same model and shapes loads its programs instead of
+    compiling them (b0 512x512: ~3-4 s cold on a 2-core CPU, a fraction of a second from the cache)."""
+    if path:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)

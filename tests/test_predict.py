@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import os
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -138,14 +139,21 @@ def test_empty_folder_and_unwritable_output(tmp_path, loaded):
         P.predict([str(tmp_path / "a.png")], model, blocker / "out", forward=forward, progress=False)
 
 
-def test_cli(tmp_path, model_dir, capsys):
+def test_cli(tmp_path, model_dir, capsys, monkeypatch):
+    from segformer_jax import xla_options
+    monkeypatch.setattr(xla_options, "DEFAULT_COMPILATION_CACHE", "")   # never ~/.cache from a test
+    previous_cache = jax.config.jax_compilation_cache_dir
     d = tmp_path / "in"
     d.mkdir()
     for i in range(3):
         Image.fromarray(_img(40 + i, 60, i)).save(d / f"x{i}.png")
     (d / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    code = P.main(["--model", model_dir, "--output", str(tmp_path / "out"), "--scale", "none", "--quiet",
-                   "--palette", "cityscapes", str(d)])
+    try:
+        code = P.main(["--model", model_dir, "--output", str(tmp_path / "out"), "--scale", "none", "--quiet",
+                       "--palette", "cityscapes", "--compilation-cache", str(tmp_path / "xla"), str(d)])
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", previous_cache)
     err = capsys.readouterr().err
     assert code == 1 and "3 image(s) segmented" in err and "bad.png" in err
     assert len(glob.glob(str(tmp_path / "out" / "*_overlay.png"))) == 3
