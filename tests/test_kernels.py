@@ -258,6 +258,26 @@ def test_attention_matches_torch_values_and_grads(n, m, heads, d):
         np.testing.assert_allclose(got, want.numpy().transpose(0, 2, 1, 3), atol=1e-5, rtol=1e-5)
 
 
+def test_gelu_of_half_is_flax_gelu_bit_for_bit_and_torch_gelu():
+    from segformer_jax.layers import gelu_of_half
+
+    x = _rand(np.random.default_rng(9), (4096,)) * 4
+    x = jnp.concatenate([x, jnp.asarray([0.0, -0.0, 1e-30, -1e-30, 30.0, -30.0], jnp.float32)])
+    ours = jax.jit(lambda x: gelu_of_half(x * 0.5))(x)
+    np.testing.assert_array_equal(ours, jax.jit(lambda x: nn.gelu(x, approximate=False))(x))
+    np.testing.assert_allclose(ours, F.gelu(torch.tensor(np.asarray(x))).numpy(), atol=1e-6, rtol=1e-6)
+
+
+def test_depthwise_output_scale_halves_exactly():
+    x, _, _, _ = _dw_args((2, 6, 5, 8))
+    for impl in ("shifted", "native"):
+        conv = DepthwiseConv3x3(8, impl)
+        variables = conv.init(jax.random.key(0), x)
+        variables = jax.tree.map(lambda a: a + 0.1, variables)   # nonzero bias too
+        full = conv.apply(variables, x)
+        np.testing.assert_array_equal(conv.apply(variables, x, output_scale=0.5), full * 0.5)
+
+
 # ----------------------------------------------------------------------------- scanned / rematerialised blocks
 
 
