@@ -258,6 +258,17 @@ def test_attention_matches_torch_values_and_grads(n, m, heads, d):
         np.testing.assert_allclose(got, want.numpy().transpose(0, 2, 1, 3), atol=1e-5, rtol=1e-5)
 
 
+def test_attention_per_image_loop_same_values(monkeypatch):
+    rng = np.random.default_rng(10)
+    q, k, v = _rand(rng, (3, 21, 2, 8)), _rand(rng, (3, 5, 2, 8)), _rand(rng, (3, 5, 2, 8))  # shapes no other test traces
+    monkeypatch.setattr(kernels, "_PER_IMAGE_ATTENTION_SIZE", 2 * 21 * 5)
+    looped = jax.jit(kernels.attention)
+    assert "while" in looped.lower(q, k, v).as_text()
+    batched = jax.jit(kernels.attention_reference)(q, k, v)
+    assert "while" not in jax.jit(kernels.attention_reference).lower(q, k, v).as_text()
+    np.testing.assert_allclose(looped(q, k, v), batched, atol=1e-6, rtol=1e-6)
+
+
 def test_gelu_of_half_is_flax_gelu_bit_for_bit_and_torch_gelu():
     from segformer_jax.layers import gelu_of_half
 
