@@ -142,7 +142,7 @@ def test_empty_folder_and_unwritable_output(tmp_path, loaded):
 def test_cli(tmp_path, model_dir, capsys, monkeypatch):
     from segformer_jax import xla_options
     monkeypatch.setattr(xla_options, "DEFAULT_COMPILATION_CACHE", "")   # never ~/.cache from a test
-    previous_cache = jax.config.jax_compilation_cache_dir
+    previous = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
     d = tmp_path / "in"
     d.mkdir()
     for i in range(3):
@@ -153,7 +153,8 @@ def test_cli(tmp_path, model_dir, capsys, monkeypatch):
                        "--palette", "cityscapes", "--compilation-cache", str(tmp_path / "xla"), str(d)])
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
     finally:
-        jax.config.update("jax_compilation_cache_dir", previous_cache)
+        jax.config.update("jax_compilation_cache_dir", previous[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
     err = capsys.readouterr().err
     assert code == 1 and "3 image(s) segmented" in err and "bad.png" in err
     assert len(glob.glob(str(tmp_path / "out" / "*_overlay.png"))) == 3
