@@ -87,10 +87,12 @@ def _heads_first(x):
     return jnp.swapaxes(x, 1, 2)
 
 
-def _attention_parts(q, k, v):
+def _attention_parts(q, k, v, probs_fn=None):
     """Heads-first q, k, v -> heads-first output and the probabilities (B, heads, N, M)."""
     scores = jnp.einsum("bhqd,bhkd->bhqk", q, _over_sqrt_head_dim(k))
     probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+    if probs_fn is not None:
+        probs = probs_fn(probs)
     return jnp.einsum("bhqk,bhkd->bhqd", probs, v), probs
 
 
@@ -140,9 +142,10 @@ def _attention_bwd(res, g):
 attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def attention_reference(q, k, v):
-    """The same function differentiated by autodiff (tests compare the two)."""
-    return _heads_first(_attention_parts(_heads_first(q), _heads_first(k), _heads_first(v))[0])
+def attention_reference(q, k, v, probs_fn=None):
+    """The same function differentiated by autodiff (tests compare the two). `probs_fn` is applied to
+    the (B, heads, N, M) probabilities before they weight the values (attention dropout in training)."""
+    return _heads_first(_attention_parts(_heads_first(q), _heads_first(k), _heads_first(v), probs_fn)[0])
 
 
 # ----------------------------------------------------------------------------- depthwise conv

@@ -96,10 +96,8 @@ class EfficientSelfAttention(nn.Module):
         v = dense("value")(kv).reshape(b, -1, self.num_heads, head_dim)
 
         if train and self.attention_dropout > 0:   # dropout on the probabilities: plain autodiff form
-            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
-            probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
-            probs = nn.Dropout(self.attention_dropout, deterministic=False)(probs)
-            out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+            dropout = nn.Dropout(self.attention_dropout, deterministic=False)
+            out = kernels.attention_reference(q, k, v, probs_fn=dropout)
         else:
             out = kernels.attention(q, k, v)
         return out.reshape(b, h, w, c)

@@ -269,6 +269,19 @@ def test_attention_per_image_loop_same_values(monkeypatch):
     np.testing.assert_allclose(looped(q, k, v), batched, atol=1e-6, rtol=1e-6)
 
 
+def test_attention_dropout_path_is_unbiased_and_random():
+    from segformer_jax.layers import EfficientSelfAttention
+
+    x = _rand(np.random.default_rng(11), (1, 4, 4, 8))
+    layer = EfficientSelfAttention(8, num_heads=2, sr_ratio=2, attention_dropout=0.5)
+    variables = layer.init(jax.random.key(0), x)
+    expected = layer.apply(variables, x)
+    sample = jax.jit(jax.vmap(lambda key: layer.apply(variables, x, train=True, rngs={"dropout": key})))
+    outs = sample(jax.random.split(jax.random.key(1), 4000))
+    assert float(jnp.abs(outs[0] - outs[1]).max()) > 1e-3          # dropout is drawn
+    np.testing.assert_allclose(outs.mean(0), expected, atol=0.02)   # E[dropout(p)] = p
+
+
 def test_gelu_of_half_is_flax_gelu_bit_for_bit_and_torch_gelu():
     from segformer_jax.layers import gelu_of_half
 
