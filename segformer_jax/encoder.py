@@ -75,17 +75,18 @@ class MixVisionTransformer(nn.Module):
                      cfg.layer_norm_eps, cfg.embedding_layer_norm_eps, cfg.initializer_range,
                      cfg.depthwise_conv_impl, self.dtype, **kwargs)
 
-    def stage(self, x, index: int, *, train: bool = False):
-        """Stage `index` (0-based) on the previous stage's NHWC output (or the images)."""
+    def stage(self, x, index: int, *, train: bool = False, drop_path_draws=None):
+        """Stage `index` (0-based) on the previous stage's NHWC output (or the images).
+        drop_path_draws: (depth, 2, batch) uniform numbers for the blocks' drop path (None: drawn per block)."""
         x = self.patch_embeddings[index](x)
         if (self.config.scan_blocks or self.config.remat_blocks) and not self.is_initializing():
-            x = self._blocks_functional(x, index, train)
+            x = self._blocks_functional(x, index, train, drop_path_draws)
         else:
-            for block in self.block[index]:
-                x = block(x, train=train)
+            for j, block in enumerate(self.block[index]):
+                x = block(x, train=train, drop_path_draws=None if drop_path_draws is None else drop_path_draws[j])
         return self.layer_norm[index](x)
 
-    def _blocks_functional(self, x, index: int, train: bool):
+    def _blocks_functional(self, x, index: int, train: bool, drop_path_draws=None):
         """The blocks of stage `index` as pure functions of their parameters, so that they can be
         scanned (one compiled block per stage) and/or rematerialised. Same parameters, same function
         as the module path; dropout keys are drawn per block from one key of the stage."""
@@ -96,27 +97,38 @@ class MixVisionTransformer(nn.Module):
         params = [self.variables["params"][f"block_{index}_{j}"] for j in range(depth)]
         random = train and (max(rates) > 0 or cfg.hidden_dropout_prob > 0 or cfg.attention_probs_dropout_prob > 0)
         keys = jax.random.split(self.make_rng("dropout"), depth) if random else None
+        if random and drop_path_draws is None:
+            drop_path_draws = jax.random.uniform(self.make_rng("dropout"), (depth, 2, x.shape[0]))
 
-        def block(x, block_params, rate, key):
+        def block(x, block_params, rate, key, draws):
             if not random:   # drop path is the identity: keep its rate static (rate may be traced here)
                 return self._make_block(index, 0.0, unbound=True).apply({"params": block_params}, x, train=train)
             return self._make_block(index, rate, unbound=True).apply({"params": block_params}, x, train=train,
-                                                                     rngs={"dropout": key})
+                                                                     drop_path_draws=draws, rngs={"dropout": key})
 
         if cfg.remat_blocks:
             block = jax.checkpoint(block)
         if not cfg.scan_blocks or depth == 1:
             for j in range(depth):
-                x = block(x, params[j], rates[j], keys[j] if random else None)
+                x = block(x, params[j], rates[j], keys[j] if random else None,
+                          drop_path_draws[j] if random else None)
             return x
         stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *params)
-        xs = (stacked, jnp.asarray(rates, jnp.float32), keys if random else jnp.zeros((depth,)))
+        xs = (stacked, jnp.asarray(rates, jnp.float32), keys if random else jnp.zeros((depth,)),
+              drop_path_draws if random else jnp.zeros((depth,)))
         x, _ = jax.lax.scan(lambda carry, inputs: (block(carry, *inputs), None), x, xs)
         return x
 
     def __call__(self, x, *, train: bool = False) -> tuple[jnp.ndarray, ...]:
+        cfg = self.config
+        draws = [None] * cfg.num_encoder_blocks
+        if train and max(cfg.drop_path_rates, default=0.0) > 0 and not self.is_initializing():
+            # One draw for every block's drop path (HF: torch.rand per call); split per stage.
+            every = jax.random.uniform(self.make_rng("dropout"), (sum(cfg.depths), 2, x.shape[0]))
+            offsets = np.cumsum((0,) + tuple(cfg.depths))
+            draws = [every[offsets[i]:offsets[i + 1]] for i in range(cfg.num_encoder_blocks)]
         features = []
-        for i in range(self.config.num_encoder_blocks):
-            x = self.stage(x, i, train=train)
+        for i in range(cfg.num_encoder_blocks):
+            x = self.stage(x, i, train=train, drop_path_draws=draws[i])
             features.append(x)
         return tuple(features)

@@ -216,11 +216,15 @@ class DropPath(nn.Module):
     rate: float = 0.0            # a Python float, or a traced scalar when the blocks are scanned
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False):
+    def __call__(self, x, *, train: bool = False, draw=None):
+        """draw: this call's uniform [0, 1) numbers, one per sample (the encoder draws all of them at once:
+        a random draw per block is two threefry loops and ~10 kernels for XLA to compile); None: draw here."""
         if not train or (isinstance(self.rate, (int, float)) and self.rate == 0.0):
             return x
         keep = 1.0 - self.rate
-        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        if draw is None:
+            draw = jax.random.uniform(self.make_rng("dropout"), (x.shape[0],))
+        mask = (draw < keep).reshape((x.shape[0],) + (1,) * (x.ndim - 1))   # = jax.random.bernoulli(key, keep)
         return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
@@ -241,13 +245,15 @@ class Block(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False):
+    def __call__(self, x, *, train: bool = False, drop_path_draws=None):
+        """drop_path_draws: (2, batch) uniform numbers for the two residual branches' drop path, or None."""
+        draws = (None, None) if drop_path_draws is None else (drop_path_draws[0], drop_path_draws[1])
         drop_path = DropPath(self.drop_path)
         y = LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="layer_norm_1")(x)
         y = Attention(self.hidden_size, self.num_heads, self.sr_ratio, self.attention_dropout, self.hidden_dropout,
                       self.reduction_layer_norm_eps, self.initializer_range, self.dtype, name="attention")(y, train=train)
-        x = x + drop_path(y, train=train)
+        x = x + drop_path(y, train=train, draw=draws[0])
         y = LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="layer_norm_2")(x)
         y = MixFFN(self.hidden_size, self.mlp_ratio, self.hidden_dropout, self.initializer_range,
                    self.depthwise_conv_impl, self.dtype, name="mlp")(y, train=train)
-        return x + drop_path(y, train=train)
+        return x + drop_path(y, train=train, draw=draws[1])

@@ -37,7 +37,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -177,7 +176,7 @@ def make_train_step(config, num_classes: int, lr_schedule: Callable, ignore_inde
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
         lr = lr_schedule(state.step // accum)   # lr used by the update this micro-batch belongs to
-        out = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": lr, "lr_head": lr * head_mult}
+        out = {"loss": loss, "grad_norm": optim.global_norm(grads), "lr": lr, "lr_head": lr * head_mult}
         return new_state, out
 
     return train_step
@@ -250,7 +249,8 @@ def make_checkpoint_manager(directory: str, config):
 def checkpoint_meta(model, config) -> dict:
     return {"model_config": json.loads(model.config.to_json_string(with_impl=True)),
             "model_dtype": config.model.dtype,
-            "grad_accum_steps": int(config.optimizer.grad_accum_steps)}
+            "grad_accum_steps": int(config.optimizer.grad_accum_steps),
+            "optimizer_layout": config.optimizer.get("layout", "flat")}
 
 
 def _describe_differences(stored: Mapping, current: Mapping, prefix: str = "") -> list[str]:
@@ -274,11 +274,15 @@ def check_compatible(stored_meta: Mapping, current_meta: Mapping, workdir: str, 
             m.get("model_config", {}).pop(k, None)
             m.get("model_config", {}).get("segformer_jax", {}).pop(k, None)
         return m
+    stored_meta = {"optimizer_layout": "tree", **stored_meta}   # checkpoints from before the flat layout
     diffs = _describe_differences(strip(stored_meta), strip(current_meta))
     if diffs:
+        hint = ""
+        if stored_meta["optimizer_layout"] != current_meta.get("optimizer_layout"):
+            hint = f"\nTo resume it, pass --config.optimizer.layout={stored_meta['optimizer_layout']}."
         raise TrainingError(
             f"workdir {workdir} holds a checkpoint (step {step}) of a different model/config:\n    "
-            + "\n    ".join(diffs)
+            + "\n    ".join(diffs) + hint
             + f"\nUse another --workdir, or delete {os.path.join(workdir, CHECKPOINT_DIR)} to start over.")
 
 
