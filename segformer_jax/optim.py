@@ -20,22 +20,16 @@
   scales the lr, and with it the decoupled decay, so it is the whole AdamW update that is scaled).
 * Options: global-norm clipping before AdamW (mmseg `grad_clip`), gradient accumulation
   (`optax.MultiSteps`: the schedule then counts optimiser updates, not micro-batches).
-* Layout (`layout`): 'flat' (default) keeps the optimiser state as single vectors, the parameters
-  ordered so that each (lr multiplier, decay) group is one contiguous run, and updates them with a
-  handful of kernels. 'tree' is optax per leaf (`multi_transform` of two masked `adamw`): the same
-  numbers, but XLA compiles a few kernels per parameter (b0: ~840 of the training step's ~1830, about
-  a third of its compile time on CPU).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Hashable, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
-import numpy as np
 from flax import traverse_util
 
 HEAD_PREFIX = "decode_head"
@@ -87,143 +81,38 @@ def param_groups(params):
     return traverse_util.unflatten_dict(labels)
 
 
-class FlatLayout:
-    """Where each parameter of a tree lives in one flat vector. Leaves are ordered by group (stable, so
-    tree order within a group): every group is one contiguous segment, and per-group constants
-    (learning rate multiplier, weight decay) become a concatenation of a few broadcasts that XLA fuses
-    into the update instead of a vector as large as the model."""
-
-    def __init__(self, params, groups):
-        leaves, self.treedef = jax.tree_util.tree_flatten(params)
-        keys = self.treedef.flatten_up_to(groups)
-        self.shapes = [tuple(leaf.shape) for leaf in leaves]
-        self.dtypes = {jnp.dtype(leaf.dtype) for leaf in leaves}
-        if len(self.dtypes) != 1:
-            raise ValueError(f"optimizer layout 'flat' needs parameters of one dtype, got {sorted(map(str, self.dtypes))}; "
-                             "use layout='tree'")
-        distinct = list(dict.fromkeys(keys))
-        self.order = sorted(range(len(leaves)), key=lambda i: distinct.index(keys[i]))
-        self.segments: list[tuple[Hashable, int]] = []   # (group, length) in vector order
-        for i in self.order:
-            size = int(np.prod(self.shapes[i], dtype=np.int64))
-            if self.segments and self.segments[-1][0] == keys[i]:
-                self.segments[-1] = (keys[i], self.segments[-1][1] + size)
-            else:
-                self.segments.append((keys[i], size))
-
-    def flatten(self, tree) -> jax.Array:
-        leaves = self.treedef.flatten_up_to(tree)
-        return jnp.concatenate([jnp.ravel(leaves[i]) for i in self.order])
-
-    def unflatten(self, vector: jax.Array):
-        leaves = [None] * len(self.shapes)
-        offset = 0
-        for i in self.order:
-            size = int(np.prod(self.shapes[i], dtype=np.int64))
-            leaves[i] = vector[offset:offset + size].reshape(self.shapes[i])
-            offset += size
-        return self.treedef.unflatten(leaves)
-
-    def per_group(self, value_of_group, dtype) -> jax.Array:
-        """Vector of value_of_group(group) over each group's segment (or a scalar when all are equal)."""
-        values = [value_of_group(g) for g, _ in self.segments]
-        if len(values) == 1:
-            return jnp.asarray(values[0], dtype)
-        return jnp.concatenate([jnp.broadcast_to(jnp.asarray(v, dtype), (n,)) for v, (_, n) in zip(values, self.segments)])
-
-
-def flattened(inner: optax.GradientTransformation, layout: FlatLayout) -> optax.GradientTransformationExtraArgs:
-    """`inner` run on the flat vectors of `layout` (like `optax.flatten`, in the layout's group order)."""
-    inner = optax.with_extra_args_support(inner)
-
-    def init(params):
-        return inner.init(layout.flatten(params))
-
-    def update(updates, state, params=None, **extra_args):
-        flat_params = None if params is None else layout.flatten(params)
-        flat_updates, state = inner.update(layout.flatten(updates), state, flat_params, **extra_args)
-        return layout.unflatten(flat_updates), state
-
-    return optax.GradientTransformationExtraArgs(init, update)
-
-
-class GroupScheduleState(NamedTuple):
-    count: jax.Array
-
-
-def decay_and_scale_by_group(layout: FlatLayout, schedule, lr_mult_of_group, decay_of_group,
-                             weight_decay: float) -> optax.GradientTransformation:
-    """On flat vectors: ``u -> -(schedule(count) * lr_mult) * (u + weight_decay * decay * p)``, per group;
-    the tail of optax.adamw (`add_decayed_weights`, then `scale_by_learning_rate`) with the same
-    float32 operations, so the same numbers."""
-
-    def init(params):
-        del params
-        return GroupScheduleState(count=jnp.zeros([], jnp.int32))
-
-    def update(updates, state, params=None):
-        if weight_decay:
-            if params is None:
-                raise ValueError("decay_and_scale_by_group needs the parameters (weight decay)")
-            decays = layout.per_group(lambda g: bool(decay_of_group(g)), jnp.bool_)
-            updates = jnp.where(decays, updates + weight_decay * params, updates)
-        base = schedule(state.count)
-        step_size = layout.per_group(lambda g: -(base * lr_mult_of_group(g)), updates.dtype)
-        return step_size * updates, GroupScheduleState(count=optax.safe_increment(state.count))
-
-    return optax.GradientTransformation(init, update)
-
-
 def global_norm(tree) -> jax.Array:
-    """L2 norm over all leaves as one reduction (optax.global_norm reduces each leaf separately)."""
+    """L2 norm over all leaves as one reduction. (optax.global_norm reduces each leaf separately: one
+    more kernel per parameter shape for XLA to compile, 55 of the b0 training step's ~490.)"""
     leaves = jax.tree_util.tree_leaves(tree)
     return jnp.sqrt(jnp.sum(jnp.square(jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in leaves]))))
 
 
 def make_optimizer(opt_config, total_steps: int, params) -> tuple[optax.GradientTransformation, Any]:
     """-> (optax transformation, schedule of the base (encoder) lr as a function of the *update* count).
-    `params` may be ShapeDtypeStructs (only paths and shapes are used).
 
     opt_config fields: learning_rate, b1, b2, eps, weight_decay, head_lr_mult, warmup_steps, warmup_ratio,
-    poly_power, min_lr, grad_clip_norm (0/None = off), grad_accum_steps (1 = off), no_decay_patterns,
-    layout ('flat' | 'tree', default 'flat')."""
+    poly_power, min_lr, grad_clip_norm (0/None = off), grad_accum_steps (1 = off), no_decay_patterns."""
     schedule = poly_warmup_schedule(opt_config.learning_rate, total_steps, warmup_steps=opt_config.warmup_steps,
                                     warmup_ratio=opt_config.warmup_ratio, power=opt_config.poly_power,
                                     min_lr=opt_config.min_lr)
     mult = float(opt_config.head_lr_mult)
     patterns = tuple(opt_config.no_decay_patterns)
-    layout = opt_config.get("layout", "flat")
-    if layout not in ("flat", "tree"):
-        raise ValueError(f"optimizer.layout={layout!r}; choose 'flat' or 'tree'")
 
     def mask(p):
         return weight_decay_mask(p, patterns)
 
-    if layout == "tree":
-        def adamw(lr_schedule):
-            return optax.adamw(lr_schedule, b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps,
-                               weight_decay=opt_config.weight_decay, mask=mask)
+    def adamw(lr_schedule):
+        return optax.adamw(lr_schedule, b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps,
+                           weight_decay=opt_config.weight_decay, mask=mask)
 
-        # Two AdamW instances over disjoint parameter sets; each keeps its own step count, which is the
-        # same number, so both follow the same schedule shape.
-        tx = optax.multi_transform(
-            {"encoder": adamw(schedule), "head": adamw(lambda step: schedule(step) * mult)},
-            param_groups(params))
-        if opt_config.grad_clip_norm:
-            tx = optax.chain(optax.clip_by_global_norm(opt_config.grad_clip_norm), tx)
-        if opt_config.grad_accum_steps > 1:
-            tx = optax.MultiSteps(tx, every_k_schedule=int(opt_config.grad_accum_steps))
-        return tx, schedule
-
-    # group = (lr multiplier, decayed?)
-    groups = jax.tree_util.tree_map(lambda label, decays: (mult if label == "head" else 1.0, bool(decays)),
-                                    param_groups(params), mask(params))
-    flat = FlatLayout(params, groups)
-    steps = [optax.scale_by_adam(b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps),
-             decay_and_scale_by_group(flat, schedule, lambda g: g[0], lambda g: g[1], opt_config.weight_decay)]
+    # Two AdamW instances over disjoint parameter sets; each keeps its own step count, which is the
+    # same number, so both follow the same schedule shape.
+    tx = optax.multi_transform(
+        {"encoder": adamw(schedule), "head": adamw(lambda step: schedule(step) * mult)},
+        param_groups(params))
     if opt_config.grad_clip_norm:
-        steps.insert(0, optax.clip_by_global_norm(opt_config.grad_clip_norm))
-    tx = optax.chain(*steps)
+        tx = optax.chain(optax.clip_by_global_norm(opt_config.grad_clip_norm), tx)
     if opt_config.grad_accum_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=int(opt_config.grad_accum_steps))
-    return flattened(tx, flat), schedule
+    return tx, schedule

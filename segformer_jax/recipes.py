@@ -60,7 +60,6 @@ def paper_recipe(variant, data):
     c.optimizer.min_lr = 0.0                # poly decay end value
     c.optimizer.grad_clip_norm = 0.0        # global-norm gradient clipping; 0 = off (NVlabs: off)
     c.optimizer.grad_accum_steps = 1        # micro-batches of batch_size per update (optax.MultiSteps); 1 = off
-    c.optimizer.layout = "flat"             # optimiser state as one vector ('flat', fast compile) or per leaf ('tree'); same numbers
 
     c.loss = ml_collections.ConfigDict()
     c.loss.reduction = "all"        # 'all': mean over all pixels incl. ignored (mmseg default, NVlabs); 'valid': HF

@@ -249,8 +249,7 @@ def make_checkpoint_manager(directory: str, config):
 def checkpoint_meta(model, config) -> dict:
     return {"model_config": json.loads(model.config.to_json_string(with_impl=True)),
             "model_dtype": config.model.dtype,
-            "grad_accum_steps": int(config.optimizer.grad_accum_steps),
-            "optimizer_layout": config.optimizer.get("layout", "flat")}
+            "grad_accum_steps": int(config.optimizer.grad_accum_steps)}
 
 
 def _describe_differences(stored: Mapping, current: Mapping, prefix: str = "") -> list[str]:
@@ -274,15 +273,11 @@ def check_compatible(stored_meta: Mapping, current_meta: Mapping, workdir: str, 
             m.get("model_config", {}).pop(k, None)
             m.get("model_config", {}).get("segformer_jax", {}).pop(k, None)
         return m
-    stored_meta = {"optimizer_layout": "tree", **stored_meta}   # checkpoints from before the flat layout
     diffs = _describe_differences(strip(stored_meta), strip(current_meta))
     if diffs:
-        hint = ""
-        if stored_meta["optimizer_layout"] != current_meta.get("optimizer_layout"):
-            hint = f"\nTo resume it, pass --config.optimizer.layout={stored_meta['optimizer_layout']}."
         raise TrainingError(
             f"workdir {workdir} holds a checkpoint (step {step}) of a different model/config:\n    "
-            + "\n    ".join(diffs) + hint
+            + "\n    ".join(diffs)
             + f"\nUse another --workdir, or delete {os.path.join(workdir, CHECKPOINT_DIR)} to start over.")
 
 

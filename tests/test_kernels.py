@@ -305,19 +305,21 @@ def test_depthwise_output_scale_halves_exactly():
 # ----------------------------------------------------------------------------- scanned / rematerialised blocks
 
 
-@pytest.mark.parametrize("changes", [dict(scan_blocks=True), dict(remat_blocks=True),
-                                     dict(scan_blocks=True, remat_blocks=True)])
-def test_scanned_and_rematerialised_blocks_are_the_same_function(changes):
-    """Same parameters, same logits, loss and gradients as the plain module path; with stochastic
-    depth on, the scanned path runs and draws its own masks."""
+def _deep_tiny_model(drop_path_rate=0.0, **changes):
     from segformer_jax import SegformerForSemanticSegmentation
+    cfg = SegformerConfig(**{**TINY, "depths": (2, 3, 1, 2)})
+    return SegformerForSemanticSegmentation(cfg.replace(drop_path_rate=drop_path_rate, classifier_dropout_prob=0.0,
+                                                        **changes))
+
+
+@pytest.fixture(scope="module")
+def deep_tiny():
+    """Variables, inputs, and the plain module path's eval logits, train loss and gradients, and
+    train-mode logits with stochastic depth (key 3)."""
     from segformer_jax.pretrained import init_variables
 
-    cfg = SegformerConfig(**{**TINY, "depths": (2, 3, 1, 2)})
-    plain = SegformerForSemanticSegmentation(cfg)
-    variant = SegformerForSemanticSegmentation(cfg.replace(**changes))
+    plain = _deep_tiny_model()
     variables = init_variables(plain, 0, (32, 48))
-    assert jax.tree.map(jnp.shape, init_variables(variant, 0, (32, 48))) == jax.tree.map(jnp.shape, variables)
     x = jax.random.normal(jax.random.key(1), (2, 32, 48, 3))
     labels = jax.random.randint(jax.random.key(2), (2, 32, 48), 0, 5)
 
@@ -329,12 +331,44 @@ def test_scanned_and_rematerialised_blocks_are_the_same_function(changes):
             return kernels.upsampled_cross_entropy(logits, labels)
         return model.apply(variables, x), jax.value_and_grad(loss)(variables["params"])
 
-    y0, (l0, g0) = run(plain)
-    y1, (l1, g1) = run(variant)
+    @functools.partial(jax.jit, static_argnums=0)
+    def dropping(model):
+        return model.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(3)})[0]
+
+    return dict(variables=variables, run=run, dropping=dropping, plain=run(plain),
+                plain_dropping=dropping(_deep_tiny_model(drop_path_rate=0.5)))
+
+
+@pytest.mark.parametrize("changes", [dict(scan_blocks=True), dict(remat_blocks=True),
+                                     dict(scan_blocks=True, remat_blocks=True)])
+def test_scanned_and_rematerialised_blocks_are_the_same_function(changes, deep_tiny):
+    """Same parameters, same logits, loss and gradients as the plain module path, and with stochastic
+    depth on the same masks for the same key: the encoder draws every block's at once, so both paths
+    drop the same branches (classifier dropout off here)."""
+    from segformer_jax.pretrained import init_variables
+
+    variant = _deep_tiny_model(**changes)
+    variables = deep_tiny["variables"]
+    assert jax.tree.map(jnp.shape, init_variables(variant, 0, (32, 48))) == jax.tree.map(jnp.shape, variables)
+    y0, (l0, g0) = deep_tiny["plain"]
+    y1, (l1, g1) = deep_tiny["run"](variant)
     np.testing.assert_allclose(y1, y0, atol=1e-5)
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
     jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, atol=1e-6, rtol=1e-5), g1, g0)
 
-    dropping = SegformerForSemanticSegmentation(cfg.replace(drop_path_rate=0.5, **changes))
-    out, _ = dropping.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(3)})
-    assert np.isfinite(np.asarray(out)).all() and np.abs(np.asarray(out) - np.asarray(y0)).max() > 1e-3
+    out = deep_tiny["dropping"](_deep_tiny_model(drop_path_rate=0.5, **changes))
+    np.testing.assert_allclose(out, deep_tiny["plain_dropping"], atol=1e-5)
+    assert np.abs(np.asarray(out) - np.asarray(y0)).max() > 1e-3   # and something was dropped
+
+
+def test_drop_path_keeps_samples_whose_draw_is_below_the_keep_rate():
+    from segformer_jax.layers import DropPath
+
+    x = jnp.ones((4, 3, 2))
+    draws = jnp.asarray([0.05, 0.69, 0.71, 0.95])
+    out = DropPath(0.3).apply({}, x, train=True, draw=draws)
+    np.testing.assert_allclose(out[:, 0, 0], [1 / 0.7, 1 / 0.7, 0.0, 0.0], rtol=1e-7)
+    assert DropPath(0.3).apply({}, x, train=False, draw=draws) is x
+    # without draws it draws its own: about 30% of 4000 samples dropped
+    own = DropPath(0.3).apply({}, jnp.ones((4000, 1)), train=True, rngs={"dropout": jax.random.key(0)})
+    assert abs(float(jnp.mean(own == 0)) - 0.3) < 0.03

@@ -12,6 +12,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from segformer_jax import optim, training
@@ -135,63 +136,10 @@ def test_gradient_accumulation_and_clipping_wrap_the_optimizer():
 
 
 
-@pytest.mark.parametrize("clip, accum", [(0.0, 1), (0.5, 2)])
-def test_flat_optimizer_layout_matches_per_leaf_optax(clip, accum):
-    """layout='flat' (one vector per optimiser state, groups contiguous) follows optax's per-leaf
-    multi_transform of masked adamw to float32 rounding: warmup, head lr x10, decay masks, clipping and
-    accumulation included."""
-    params = _fake_params()
-    results = {}
-    for layout in ("tree", "flat"):
-        cfg = _opt_config(learning_rate=1e-2, warmup_steps=3, weight_decay=0.1, head_lr_mult=10.0,
-                          grad_clip_norm=clip, grad_accum_steps=accum, layout=layout)
-        tx, _ = optim.make_optimizer(cfg, 20, params)
-        state, p = tx.init(params), params
-        update = jax.jit(tx.update)
-        for step in range(6):
-            grads = jax.tree_util.tree_map(
-                lambda x, s=step: jnp.asarray(np.random.default_rng(s).normal(size=x.shape), jnp.float32), params)
-            updates, state = update(grads, state, p)
-            p = jax.tree_util.tree_map(jnp.add, p, updates)
-        results[layout] = (p, state)
-    for a, b in zip(jax.tree_util.tree_leaves(results["tree"][0]), jax.tree_util.tree_leaves(results["flat"][0])):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-7, atol=1e-7)
-    moved = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), results["flat"][0], params)
-    assert min(jax.tree_util.tree_leaves(moved)) > 1e-3   # every parameter was updated
-    # the state is flat: Adam's moments are single vectors over all 59 parameters
-    sizes = sorted(x.size for x in jax.tree_util.tree_leaves(results["flat"][1]) if x.ndim == 1)
-    assert sizes[-1] == sum(x.size for x in jax.tree_util.tree_leaves(params))
 
-
-def test_flat_layout_groups_are_contiguous_and_update_is_few_kernels():
-    params = _fake_params()
-    groups = jax.tree_util.tree_map(lambda label, decays: (label, bool(decays)), optim.param_groups(params),
-                                    optim.weight_decay_mask(params))
-    layout = optim.FlatLayout(params, groups)
-    assert sorted(g for g, _ in layout.segments) == [("encoder", False), ("encoder", True), ("head", False),
-                                                      ("head", True)]
-    assert sum(n for _, n in layout.segments) == 59
-    tree = jax.tree_util.tree_map(lambda x: x * jnp.arange(x.size, dtype=x.dtype).reshape(x.shape), params)
-    back = layout.unflatten(layout.flatten(tree))
-    assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: bool(jnp.array_equal(a, b)), tree, back))
-
-    def kernels(layout_name):
-        cfg = _opt_config(layout=layout_name)
-        tx, _ = optim.make_optimizer(cfg, 100, params)
-        state = tx.init(params)
-        text = jax.jit(tx.update).lower(params, state, params).compile().as_text()
-        return text.count(" fusion(")
-    flat, tree_count = kernels("flat"), kernels("tree")
-    assert flat * 2 < tree_count, (flat, tree_count)   # per-leaf optax: several kernels per parameter
-
-
-def test_resuming_another_optimizer_layout_says_which(tmp_path):
-    meta = {"model_config": {"hidden_sizes": [8]}, "grad_accum_steps": 1}   # written before the flat layout
-    with pytest.raises(training.TrainingError, match=r"(?s)optimizer_layout: checkpoint 'tree', now 'flat'"
-                                                      r".*--config.optimizer.layout=tree"):
-        training.check_compatible(meta, {**meta, "optimizer_layout": "flat"}, str(tmp_path), 7)
-    training.check_compatible(meta, {**meta, "optimizer_layout": "tree"}, str(tmp_path), 7)
-
+def test_global_norm_is_optax_global_norm():
+    tree = {"a": jnp.arange(12.0).reshape(3, 4), "b": {"c": -jnp.ones(5), "d": jnp.full((2, 2, 2), 0.5)}}
+    np.testing.assert_allclose(float(optim.global_norm(tree)), float(optax.global_norm(tree)), rtol=1e-6)
 
 # ----------------------------------------------------------------------------- train step
 
