@@ -89,7 +89,8 @@ class MixVisionTransformer(nn.Module):
     def _blocks_functional(self, x, index: int, train: bool, drop_path_draws=None):
         """The blocks of stage `index` as pure functions of their parameters, so that they can be
         scanned (one compiled block per stage) and/or rematerialised. Same parameters, same function
-        as the module path; dropout keys are drawn per block from one key of the stage."""
+        as the module path, and the same drop-path masks (the encoder's draws); the keys of the other
+        dropouts are split per block from one key of the stage."""
         cfg = self.config
         depth = cfg.depths[index]
         first = sum(cfg.depths[:index])

@@ -82,8 +82,8 @@ def param_groups(params):
 
 
 def global_norm(tree) -> jax.Array:
-    """L2 norm over all leaves as one reduction. (optax.global_norm reduces each leaf separately: one
-    more kernel per parameter shape for XLA to compile, 55 of the b0 training step's ~490.)"""
+    """L2 norm over all leaves as one reduction. optax.global_norm reduces each leaf separately, a kernel
+    per parameter shape for XLA to compile (b0 training step: 545 distinct kernels with it, 490 without)."""
     leaves = jax.tree_util.tree_leaves(tree)
     return jnp.sqrt(jnp.sum(jnp.square(jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in leaves]))))
 

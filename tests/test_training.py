@@ -135,11 +135,10 @@ def test_gradient_accumulation_and_clipping_wrap_the_optimizer():
     assert any(float(jnp.abs(x).max()) > 0.0 for x in jax.tree_util.tree_leaves(u2))    # applied
 
 
-
-
 def test_global_norm_is_optax_global_norm():
     tree = {"a": jnp.arange(12.0).reshape(3, 4), "b": {"c": -jnp.ones(5), "d": jnp.full((2, 2, 2), 0.5)}}
     np.testing.assert_allclose(float(optim.global_norm(tree)), float(optax.global_norm(tree)), rtol=1e-6)
+
 
 # ----------------------------------------------------------------------------- train step
 
