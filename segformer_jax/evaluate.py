@@ -76,9 +76,9 @@ def load_model(path: str, *, step: int | None = None, best: bool = False):
             step = steps[-1]
         elif step not in steps:
             raise EvaluationError(f"no checkpoint at step {step} in {ckpt_dir}; available: {steps}")
-        restored = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(),
-                                                                 state=ocp.args.StandardRestore()))
-    meta, state = restored["meta"], restored["state"]
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    from segformer_jax.training import restore_state_here
+    state = restore_state_here(os.path.join(ckpt_dir, str(step)))   # also checkpoints of multi-host runs
     config = SegformerConfig.from_hf_dict(meta["model_config"], source=f"{ckpt_dir}/{step}")
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[meta.get("model_dtype", "float32")]
     model = SegformerForSemanticSegmentation(config, dtype=dtype)

@@ -73,9 +73,8 @@ def _read_source(path: str, config: SegformerConfig | None):
             arch = (json.load(f).get("architectures") or [None])[0]
     flax_dir = os.path.join(path, FLAX_WEIGHTS_DIR)
     if os.path.isdir(flax_dir):
-        import orbax.checkpoint as ocp
         try:
-            tree = ocp.StandardCheckpointer().restore(os.path.abspath(flax_dir))
+            tree = _process_local_checkpointer().restore(os.path.abspath(flax_dir))
         except Exception as e:  # orbax raises many types for damaged checkpoints
             raise checkpoint_io.CheckpointFileError(f"{flax_dir} is not a readable Orbax checkpoint ({e})") from None
         # One checking path for both formats: the Flax tree is named through the same key table.
@@ -216,14 +215,23 @@ def save_pretrained(model, variables: Mapping[str, Any], out_dir: str | os.PathL
             checkpoint_io.save_safetensors(flax_to_torch_state(host), os.path.join(staging, "model.safetensors"))
             config_text = model.config.to_json_string(arch)
         else:
-            import orbax.checkpoint as ocp
-            checkpointer = ocp.StandardCheckpointer()
+            checkpointer = _process_local_checkpointer()
             checkpointer.save(os.path.join(staging, FLAX_WEIGHTS_DIR), host)
             checkpointer.wait_until_finished()
             config_text = model.config.to_json_string(arch, with_impl=True)
         with open(os.path.join(staging, CONFIG_NAME), "w") as f:
             f.write(config_text)
     return os.path.abspath(os.fspath(out_dir))
+
+
+def _process_local_checkpointer():
+    """An Orbax checkpointer that reads / writes for the calling process alone. (Orbax's default
+    synchronises every process of a multi-host run: save_pretrained called by process 0 only, as
+    train.py's final export does, would wait forever for the others.)"""
+    import orbax.checkpoint as ocp
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
 
 
 @contextlib.contextmanager

@@ -69,11 +69,32 @@ class TrainState(train_state.TrainState):
 
 
 def maybe_initialize_distributed(config) -> None:
-    """`jax.distributed.initialize()` (auto-detected coordinator on TPU pods / SLURM / GKE) when the
-    config asks for it or SEGFORMER_MULTI_HOST=1; a no-op for single-host runs."""
+    """`jax.distributed.initialize()` when the config asks for it or SEGFORMER_MULTI_HOST=1; a no-op for
+    single-host runs. The coordinator is auto-detected on TPU pods / SLURM / GKE; elsewhere (plain
+    multi-node GPU machines, several processes on one CPU host) set SEGFORMER_COORDINATOR=host:port,
+    SEGFORMER_NUM_PROCESSES and SEGFORMER_PROCESS_ID in every process. CPU processes exchange
+    gradients through gloo."""
     wanted = bool(config.get("multi_host", False)) or os.environ.get("SEGFORMER_MULTI_HOST", "") not in ("", "0")
-    if wanted and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+    if not wanted or jax.distributed.is_initialized():
+        return
+    explicit = {}
+    names = {"coordinator_address": "SEGFORMER_COORDINATOR", "num_processes": "SEGFORMER_NUM_PROCESSES",
+             "process_id": "SEGFORMER_PROCESS_ID"}
+    given = {k: os.environ[v] for k, v in names.items() if os.environ.get(v)}
+    if given:
+        missing = [names[k] for k in names if k not in given]
+        if missing:
+            raise TrainingError(f"multi-host: {', '.join(missing)} not set (SEGFORMER_COORDINATOR, "
+                                "SEGFORMER_NUM_PROCESSES and SEGFORMER_PROCESS_ID go together)")
+        try:
+            explicit = {"coordinator_address": given["coordinator_address"],
+                        "num_processes": int(given["num_processes"]), "process_id": int(given["process_id"])}
+        except ValueError as e:
+            raise TrainingError(f"multi-host: SEGFORMER_NUM_PROCESSES / SEGFORMER_PROCESS_ID must be integers ({e})")
+    if os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION") is None:
+        # XLA:CPU has no cross-process collectives by default; on accelerators this setting is unused.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**explicit)
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -301,6 +322,21 @@ def restore_checkpoint(manager, step: int, abstract_state: TrainState, meta: Map
                             f"({type(e).__name__}: {e}); use another --workdir") from e
     return tree_to_state(abstract_state, restored)
 
+
+
+def restore_state_here(step_dir: str) -> dict:
+    """The `state` tree of the checkpoint in `step_dir` (e.g. workdir/checkpoints/4), on this process's
+    first device whatever mesh wrote it: a checkpoint of a multi-host run restores on one machine
+    (Orbax refuses without a target: 'topology mismatch'). Resuming training uses
+    `restore_checkpoint`, which restores onto the run's own shardings."""
+    import orbax.checkpoint as ocp
+    checkpointer = ocp.StandardCheckpointer()
+    path = os.path.join(os.path.abspath(step_dir), "state")
+    metadata = checkpointer.metadata(path)
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+                                    getattr(metadata, "item_metadata", metadata))
+    return checkpointer.restore(path, target)
 
 # ----------------------------------------------------------------------------- logging
 
