@@ -323,7 +323,6 @@ def restore_checkpoint(manager, step: int, abstract_state: TrainState, meta: Map
     return tree_to_state(abstract_state, restored)
 
 
-
 def restore_state_here(step_dir: str) -> dict:
     """The `state` tree of the checkpoint in `step_dir` (e.g. workdir/checkpoints/4), on this process's
     first device whatever mesh wrote it: a checkpoint of a multi-host run restores on one machine
@@ -337,6 +336,7 @@ def restore_state_here(step_dir: str) -> dict:
     target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
                                     getattr(metadata, "item_metadata", metadata))
     return checkpointer.restore(path, target)
+
 
 # ----------------------------------------------------------------------------- logging
 
