@@ -98,8 +98,6 @@ class MixVisionTransformer(nn.Module):
         params = [self.variables["params"][f"block_{index}_{j}"] for j in range(depth)]
         random = train and (max(rates) > 0 or cfg.hidden_dropout_prob > 0 or cfg.attention_probs_dropout_prob > 0)
         keys = jax.random.split(self.make_rng("dropout"), depth) if random else None
-        if random and drop_path_draws is None:
-            drop_path_draws = jax.random.uniform(self.make_rng("dropout"), (depth, 2, x.shape[0]))
 
         def block(x, block_params, rate, key, draws):
             if not random:   # drop path is the identity: keep its rate static (rate may be traced here)
@@ -112,11 +110,10 @@ class MixVisionTransformer(nn.Module):
         if not cfg.scan_blocks or depth == 1:
             for j in range(depth):
                 x = block(x, params[j], rates[j], keys[j] if random else None,
-                          drop_path_draws[j] if random else None)
+                          None if drop_path_draws is None else drop_path_draws[j])
             return x
         stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *params)
-        xs = (stacked, jnp.asarray(rates, jnp.float32), keys if random else jnp.zeros((depth,)),
-              drop_path_draws if random else jnp.zeros((depth,)))
+        xs = (stacked, jnp.asarray(rates, jnp.float32), keys if random else jnp.zeros((depth,)), drop_path_draws)
         x, _ = jax.lax.scan(lambda carry, inputs: (block(carry, *inputs), None), x, xs)
         return x
 
