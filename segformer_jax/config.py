@@ -37,7 +37,7 @@ _TUPLE_FIELDS = ("depths", "sr_ratios", "hidden_sizes", "patch_sizes", "strides"
 # Implementation choices (not part of the network's function); see docs in SegformerConfig.
 _IMPL_CHOICES = {
     "depthwise_conv_impl": ("auto", "native", "shifted"),
-    "decode_head_impl": ("auto", "concat", "fused"),
+    "decode_head_impl": ("auto", "concat", "fused", "phased"),
 }
 
 
@@ -76,7 +76,8 @@ class SegformerConfig:
     id2label: Mapping[int, str] | None = dataclasses.field(default=None, compare=False, hash=False)
     # How the 3x3 depthwise conv of Mix-FFN is computed: same function, different speed.
     depthwise_conv_impl: str = "auto"
-    # How the decode head fuses the four stages: concat-then-1x1 or per-stage 1x1 then sum.
+    # How the decode head fuses the four stages: concat-then-1x1, per-stage 1x1 then sum (fused), or
+    # fused in column-phase pixel order (phased); auto: phased on CPU, fused elsewhere.
     decode_head_impl: str = "auto"
     # Each stage's blocks as one `lax.scan` (parameters stacked on the fly, tree unchanged): the
     # compiled program holds one block per stage, so compile time no longer grows with depth.

@@ -9,6 +9,7 @@ rounding); tests/test_kernels.py checks values and gradients against the plain J
                               softmax backward over head_dim, not over the keys)
     depthwise_conv3x3         3x3 depthwise conv as 9 shifted multiply-adds, hand-written VJP
     resize_bilinear           bilinear upsampling (torch align_corners=False) as 2-tap blends
+    upsample_columns_phased   the same along W, in column-phase order (to_column_phases)
     upsampled_cross_entropy   bilinear upsample of logits + softmax CE with ignore index, whose
                               VJP recomputes the full-resolution softmax instead of storing it
 """
@@ -284,6 +285,73 @@ def _upsample_axis_int_bwd(axis, s, _, g):
 
 
 _upsample_axis_int.defvjp(_upsample_axis_int_fwd, _upsample_axis_int_bwd)
+
+
+# Column-phase order: with period S, image column S*k + r is stored at column r*(W/S) + k. Bilinear
+# upsampling along W by an integer factor s | S is then, for each output phase, a plain blend of
+# contiguous columns; in natural order XLA:CPU's loop emitter interleaves the phases element by
+# element (the b0 decode head's upsample-and-sum was its largest kernel). Per-pixel layers (BatchNorm,
+# ReLU, 1x1 convs) do not care about the order, so the decode head works in it and restores the
+# natural order once, on the logits.
+
+
+def to_column_phases(x, period: int):
+    """NHWC `x` with its columns in column-phase order of `period` (W a multiple of period)."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h, w // period, period, c).transpose(0, 1, 3, 2, 4).reshape(b, h, w, c)
+
+
+def from_column_phases(x, period: int):
+    """Inverse of to_column_phases."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h, period, w // period, c).transpose(0, 1, 3, 2, 4).reshape(b, h, w, c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def upsample_columns_phased(x, s: int, period: int):
+    """`to_column_phases(upsample of NHWC x by the integer factor s along W, period)`, computed in
+    that order directly (period a multiple of s, W = s * x.shape[2] a multiple of period)."""
+    b, h, w, c = x.shape
+    q = period // s                           # input columns per period: phase r reads column q*k + r // s
+    k = w // q
+    out = None
+    for tap, tapped in enumerate((x, _shift(x, 2, -1), _shift(x, 2, +1))):
+        weights = _phase_weights(s)[:, tap]   # by phase r % s
+        grouped = tapped.reshape(b, h, k, q, 1, c).transpose(0, 1, 3, 4, 2, 5)    # (b, h, q, 1, k, c)
+        term = grouped * jnp.asarray(weights.reshape(s, 1, 1), x.dtype)           # (b, h, q, s, k, c)
+        out = term if out is None else out + term
+    return out.reshape(b, h, s * w, c)
+
+
+def _upsample_columns_phased_fwd(x, s, period):
+    return upsample_columns_phased(x, s, period), None
+
+
+def _upsample_columns_phased_bwd(s, period, _, g):
+    # Natural order once (XLA merges the identical transposes of a shared cotangent), then the
+    # single-read transpose of the natural-order upsampling.
+    return _upsample_axis_int_bwd(2, s, None, from_column_phases(g, period))
+
+
+upsample_columns_phased.defvjp(_upsample_columns_phased_fwd, _upsample_columns_phased_bwd)
+
+
+def column_phase_period(widths, out_width) -> int | None:
+    """The smallest period in whose column-phase order every map of `widths` can be upsampled to
+    `out_width` (the lcm of the factors); None when a factor is not an integer or a shape is symbolic."""
+    if not all(isinstance(w, (int, np.integer)) for w in (*widths, out_width)):
+        return None
+    if any(out_width % w for w in widths):
+        return None
+    return math.lcm(*(out_width // w for w in widths))
+
+
+def upsample_to_column_phases(x, size, period: int):
+    """`to_column_phases(resize_bilinear(x, size), period)` for a W that grows by an integer factor
+    dividing `period` (see column_phase_period); H is resized first, in natural order."""
+    x = _resize_axis(x, 1, size[0])
+    s = size[1] // x.shape[2]
+    return to_column_phases(x, period) if s == 1 else upsample_columns_phased(x, s, period)
 
 
 def _resize_axis(x, axis: int, n_out: int):

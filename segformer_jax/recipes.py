@@ -41,7 +41,7 @@ def paper_recipe(variant, data):
     c.model.drop_path_rate = 0.1    # stochastic depth at the last block (NVlabs: 0.1 for all variants)
     c.model.classifier_dropout_prob = 0.1   # dropout before the head classifier (NVlabs: 0.1)
     c.model.depthwise_conv_impl = "auto"    # Mix-FFN depthwise conv implementation ('auto'|'native'|'shifted'); speed only
-    c.model.decode_head_impl = "auto"       # decode head fusion implementation ('auto'|'concat'|'fused'); speed only
+    c.model.decode_head_impl = "auto"       # decode head fusion implementation ('auto'|'concat'|'fused'|'phased'); speed only
     c.model.remat_blocks = False    # recompute encoder blocks in the backward pass (memory for large crops)
     c.model.scan_blocks = False     # each stage's blocks as one lax.scan (compile time of deep variants)
     c.model.overrides = ml_collections.ConfigDict()  # other SegformerConfig fields over the variant (tiny test models)

@@ -17,7 +17,7 @@ from segformer_jax.decode_head import DecodeHead
 from segformer_jax.encoder import MixVisionTransformer
 
 ATOL = 1e-4
-IMPLS = [("native", "concat"), ("shifted", "fused")]
+IMPLS = [("native", "concat"), ("shifted", "fused"), ("shifted", "phased")]
 
 
 def _encoder_params(variables):
@@ -106,7 +106,7 @@ def test_encoder_hidden_states(tiny_reference, tiny_flax):
         assert max_abs_diff(got, to_nhwc(ref)) < 1e-5
 
 
-@pytest.mark.parametrize("impl", ["concat", "fused"])
+@pytest.mark.parametrize("impl", ["concat", "fused", "phased"])
 def test_decode_head(tiny_reference, tiny_flax, impl):
     model, variables = tiny_flax
     x = torch.from_numpy(images(2, 45, 61, seed=7, layout="NCHW"))
@@ -122,8 +122,10 @@ def test_decode_head(tiny_reference, tiny_flax, impl):
 
 # ----------------------------------------------------------------------------- whole model
 # Each size with one pair of implementations (every pair is covered at two sizes).
+# phased: widths 12 and 24 at stage 1 (column-phase periods 12 and 8); the other sizes make it fall back.
 @pytest.mark.parametrize("size,impl", [((2, 64, 64), IMPLS[0]), ((2, 67, 93), IMPLS[1]),
-                                       ((1, 33, 129), IMPLS[0]), ((1, 100, 35), IMPLS[1])],
+                                       ((1, 33, 129), IMPLS[0]), ((1, 100, 35), IMPLS[1]),
+                                       ((2, 40, 48), IMPLS[2]), ((1, 37, 93), IMPLS[2])],
                          ids=lambda v: "x".join(map(str, v)) if isinstance(v[0], int) else "-".join(v))
 def test_logits_any_size(tiny_reference, tiny_flax, size, impl):
     model, variables = tiny_flax

@@ -97,7 +97,9 @@ def test_depthwise_module_impls_same_params(impl):
 def test_auto_impls_on_this_backend():
     expected = "shifted" if jax.default_backend() == "cpu" else "native"
     assert resolve_depthwise_impl("auto") == expected
-    assert resolve_decode_head_impl("auto") == "fused"
+    assert resolve_decode_head_impl("auto") == ("phased" if jax.default_backend() == "cpu" else "fused")
+    assert resolve_decode_head_impl("auto", train=True) == "fused"
+    assert resolve_decode_head_impl("phased", train=True) == "phased"
     assert resolve_depthwise_impl("native") == "native"
 
 
@@ -118,6 +120,32 @@ def test_resize_bilinear_matches_jax_and_torch(src, dst):
     yt = F.interpolate(xt, size=dst, mode="bilinear", align_corners=False).numpy().transpose(0, 2, 3, 1)
     np.testing.assert_allclose(y, yt, atol=1e-5)
     np.testing.assert_allclose(upsample_bilinear(x, dst), y, atol=0)
+
+
+def test_column_phases_round_trip_and_order():
+    x = jnp.arange(2 * 3 * 12 * 2, dtype=jnp.float32).reshape(2, 3, 12, 2)
+    phased = kernels.to_column_phases(x, 4)
+    # column 4k + r is stored at r * 3 + k
+    np.testing.assert_array_equal(phased[:, :, 1 * 3 + 2], x[:, :, 4 * 2 + 1])
+    np.testing.assert_array_equal(kernels.from_column_phases(phased, 4), x)
+
+
+@pytest.mark.parametrize("w,size,period", [(4, (8, 16), 4), (3, (5, 12), 4), (2, (2, 12), 12), (6, (6, 12), 4),
+                                           (5, (5, 5), 1)])
+def test_upsample_to_column_phases_is_resize_in_phase_order(w, size, period):
+    rng = np.random.default_rng(5)
+    x = _rand(rng, (2, 4 if size[0] >= 4 else size[0], w, 3))
+    cot = _rand(rng, (2, *size, 3))
+    y, vjp = jax.vjp(lambda v: kernels.upsample_to_column_phases(v, size, period), x)
+    want, vjp_want = jax.vjp(lambda v: kernels.to_column_phases(kernels.resize_bilinear(v, size), period), x)
+    np.testing.assert_allclose(y, want, atol=1e-6)
+    np.testing.assert_allclose(vjp(cot)[0], vjp_want(cot)[0], atol=1e-5)
+
+
+def test_column_phase_period():
+    assert kernels.column_phase_period([16, 8, 4, 2], 16) == 8
+    assert kernels.column_phase_period([12, 6, 3, 2], 12) == 12
+    assert kernels.column_phase_period([17, 9, 5, 3], 17) is None
 
 
 def _torch_ce(logits, labels, ignore_index=255):
@@ -173,9 +201,11 @@ TINY = dict(hidden_sizes=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_attention_hea
             decoder_hidden_size=16, num_labels=5, classifier_dropout_prob=0.0, drop_path_rate=0.0)
 
 
-@pytest.mark.parametrize("size", [(16, 16), (17, 12)])
-def test_fused_head_equals_concat(size):
-    """The decode head alone on random stage features (the encoder is not needed and compiles slowly)."""
+@pytest.mark.parametrize("impl,size", [("fused", (16, 16)), ("fused", (17, 12)), ("phased", (16, 16)),
+                                       ("phased", (17, 12)), ("phased", (12, 17))])
+def test_fused_head_equals_concat(impl, size):
+    """The decode head alone on random stage features (the encoder is not needed and compiles slowly).
+    phased: (16, 16) runs in column-phase period 8, (17, 12) in period 12, (12, 17) falls back."""
     from segformer_jax.decode_head import DecodeHead
     from segformer_jax.encoder import stage_sizes
 
@@ -185,7 +215,7 @@ def test_fused_head_equals_concat(size):
     keys = jax.random.split(jax.random.key(1), 4)
     feats = tuple(jax.random.normal(k, (2, h, w, c)) for k, (h, w), c in zip(keys, shapes, cfg.hidden_sizes))
     concat = DecodeHead(cfg.replace(decode_head_impl="concat"))
-    fused = DecodeHead(cfg.replace(decode_head_impl="fused"))
+    fused = DecodeHead(cfg.replace(decode_head_impl=impl))
     variables = concat.init(jax.random.key(0), feats)
     assert jax.tree.map(jnp.shape, fused.init(jax.random.key(0), feats)) == jax.tree.map(jnp.shape, variables)
     # random BN statistics so the head's affine parts matter
