@@ -273,6 +273,13 @@ def _upsample_axis_int_bwd(axis, s, _, g):
     n_in = g.shape[axis] // s
     grouped = g.reshape(g.shape[:axis] + (n_in, s) + g.shape[axis + 1:])
     sent = jnp.moveaxis(jnp.tensordot(grouped, jnp.asarray(_phase_weights(s), g.dtype), axes=[[axis + 1], [0]]), -1, 0)
+    return (_gather_sent(sent, axis),)
+
+
+def _gather_sent(sent, axis: int):
+    """sent (3, ...): what each input position sends to itself, its previous and its next neighbour
+    along `axis` (edge-clamped) -> the gradient each position receives."""
+    n_in = sent.shape[axis + 1]
     own, to_prev, to_next = sent[0], sent[1], sent[2]
     zero = jnp.zeros_like(jax.lax.slice_in_dim(own, 0, 1, axis=axis))
     first = jax.lax.slice_in_dim(to_prev, 0, 1, axis=axis)          # block 0's 'previous' is itself
@@ -281,7 +288,7 @@ def _upsample_axis_int_bwd(axis, s, _, g):
     from_prev = jnp.concatenate([zero, jax.lax.slice_in_dim(to_next, 0, n_in - 1, axis=axis)], axis=axis)
     edges = jnp.concatenate([first, jnp.zeros_like(jax.lax.slice_in_dim(own, 0, n_in - 2, axis=axis)), last],
                             axis=axis) if n_in > 1 else first + last
-    return (own + from_next + from_prev + edges,)
+    return own + from_next + from_prev + edges
 
 
 _upsample_axis_int.defvjp(_upsample_axis_int_fwd, _upsample_axis_int_bwd)
@@ -328,9 +335,15 @@ def _upsample_columns_phased_fwd(x, s, period):
 
 
 def _upsample_columns_phased_bwd(s, period, _, g):
-    # Natural order once (XLA merges the identical transposes of a shared cotangent), then the
-    # single-read transpose of the natural-order upsampling.
-    return _upsample_axis_int_bwd(2, s, None, from_column_phases(g, period))
+    # As _upsample_axis_int_bwd, reading g in phase order: each input column's three shares are a
+    # contraction over its s phases.
+    b, h, W, c = g.shape
+    q = period // s
+    k = W // period
+    grouped = g.reshape(b, h, q, s, k, c)
+    sent = jnp.tensordot(grouped, jnp.asarray(_phase_weights(s), g.dtype), axes=[[3], [0]])   # (b, h, q, k, c, 3)
+    sent = sent.transpose(5, 0, 1, 3, 2, 4).reshape(3, b, h, k * q, c)
+    return (_gather_sent(sent, 2),)
 
 
 upsample_columns_phased.defvjp(_upsample_columns_phased_fwd, _upsample_columns_phased_bwd)
@@ -470,9 +483,10 @@ def _band_rows(h: int, want: int) -> int:
     return 1
 
 
-def _band_upsample(src, s: int, rows: int, n_out_w: int):
+def _band_upsample(src, s: int, rows: int, n_out_w: int, column_period: int):
     """src (B, rows + 2, w, K): a band of low-res rows with one halo row each side (edge-replicated
-    at the image border) -> the band's upsampled logits (B, rows * s, n_out_w, K)."""
+    at the image border) -> the band's upsampled logits (B, rows * s, n_out_w, K), in column-phase
+    order when column_period > 1 (= n_out_w / w)."""
     dt = src.dtype
     out_rows = []
     for k in range(rows):
@@ -483,6 +497,8 @@ def _band_upsample(src, s: int, rows: int, n_out_w: int):
             else:
                 out_rows.append(src[:, k + 1] * jnp.asarray(1.0 - d, dt) + src[:, k + 2] * jnp.asarray(d, dt))
     band = jnp.stack(out_rows, axis=1)
+    if column_period > 1:
+        return upsample_columns_phased(band, column_period, column_period)
     return _resize_axis(band, 2, n_out_w)
 
 
@@ -498,7 +514,7 @@ def _pad_rows(logits):
     return jnp.concatenate([logits[:, :1], logits, logits[:, -1:]], axis=1)
 
 
-def _banded_forward(logits, labels, ignore_index, band_rows):
+def _banded_forward(logits, labels, ignore_index, band_rows, column_period):
     s, rows, n_bands = _banded_geometry(logits.shape, labels.shape, band_rows)
     W = labels.shape[2]
     lp = _pad_rows(logits.astype(jnp.float32))
@@ -506,7 +522,7 @@ def _banded_forward(logits, labels, ignore_index, band_rows):
     def body(total, t):
         src = jax.lax.dynamic_slice_in_dim(lp, t * rows, rows + 2, axis=1)
         lab = jax.lax.dynamic_slice_in_dim(labels, t * rows * s, rows * s, axis=1)
-        up = _band_upsample(src, s, rows, W)
+        up = _band_upsample(src, s, rows, W, column_period)
         valid = lab != ignore_index
         safe = jnp.where(valid, lab, 0)
         lse = jax.nn.logsumexp(up, axis=-1)
@@ -518,17 +534,17 @@ def _banded_forward(logits, labels, ignore_index, band_rows):
     return total / n_valid, (lse, n_valid)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _banded_ce(logits, labels, ignore_index, band_rows):
-    return _banded_forward(logits, labels, ignore_index, band_rows)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _banded_ce(logits, labels, ignore_index, band_rows, column_period):
+    return _banded_forward(logits, labels, ignore_index, band_rows, column_period)[0]
 
 
-def _banded_ce_fwd(logits, labels, ignore_index, band_rows):
-    loss, (lse, n_valid) = _banded_forward(logits, labels, ignore_index, band_rows)
+def _banded_ce_fwd(logits, labels, ignore_index, band_rows, column_period):
+    loss, (lse, n_valid) = _banded_forward(logits, labels, ignore_index, band_rows, column_period)
     return loss, (logits, labels, lse, n_valid)
 
 
-def _banded_ce_bwd(ignore_index, band_rows, res, g):
+def _banded_ce_bwd(ignore_index, band_rows, column_period, res, g):
     logits, labels, lse, n_valid = res
     s, rows, n_bands = _banded_geometry(logits.shape, labels.shape, band_rows)
     W = labels.shape[2]
@@ -539,7 +555,7 @@ def _banded_ce_bwd(ignore_index, band_rows, res, g):
     def body(g_lp, t):
         src = jax.lax.dynamic_slice_in_dim(lp, t * rows, rows + 2, axis=1)
         lab = jax.lax.dynamic_slice_in_dim(labels, t * rows * s, rows * s, axis=1)
-        up, vjp = jax.vjp(lambda v: _band_upsample(v, s, rows, W), src)
+        up, vjp = jax.vjp(lambda v: _band_upsample(v, s, rows, W, column_period), src)
         valid = (lab != ignore_index)[..., None]
         onehot = (lab[..., None] == classes).astype(jnp.float32)
         g_up = jnp.where(valid, (jnp.exp(up - lse[t][..., None]) - onehot) * scale, 0.0)
@@ -559,9 +575,17 @@ _banded_ce.defvjp(_banded_ce_fwd, _banded_ce_bwd)
 def upsampled_cross_entropy_banded(logits, labels, ignore_index: int = 255, band_rows: int = 2):
     """`upsampled_cross_entropy` computed in bands of `band_rows` low-res rows (lax.scan), so no
     full-resolution (B, H, W, K) buffer exists in forward or backward. Needs H to be an integer
-    multiple of h (e.g. 512 / 128); otherwise falls back to `upsampled_cross_entropy`."""
+    multiple of h (e.g. 512 / 128); otherwise falls back to `upsampled_cross_entropy`.
+
+    When W is an integer multiple s of w, the pixels are visited in column-phase order of period s
+    (labels reordered once, to_column_phases): the loss is a sum over pixels, and the width
+    upsampling then needs no per-element interleave."""
     labels = labels.astype(jnp.int32)
     h, H = logits.shape[1], labels.shape[1]
-    if H % h or H < h or labels.shape[2] < logits.shape[2]:
+    w, W = logits.shape[2], labels.shape[2]
+    if H % h or H < h or W < w:
         return upsampled_cross_entropy(logits, labels, ignore_index)
-    return _banded_ce(logits, labels, int(ignore_index), int(band_rows))
+    column_period = W // w if W % w == 0 else 1
+    if column_period > 1:
+        labels = to_column_phases(labels[..., None], column_period)[..., 0]
+    return _banded_ce(logits, labels, int(ignore_index), int(band_rows), column_period)
