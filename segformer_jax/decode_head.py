@@ -94,7 +94,7 @@ def resolve_decode_head_impl(impl: str, train: bool = False) -> str:
     if impl != "auto":
         return impl
     # fused: fewer FLOPs on every backend. phased: faster for inference on XLA:CPU (b0 / b2 512x512
-    # 6-13%); the training step ran ~5% slower with it, and accelerators are unmeasured.
+    # 6-13%); no gain in the b0 training step (within 2%, same process), accelerators unmeasured.
     return "phased" if jax.default_backend() == "cpu" and not train else "fused"
 
 
