@@ -77,7 +77,7 @@ class SegformerConfig:
     # How the 3x3 depthwise conv of Mix-FFN is computed: same function, different speed.
     depthwise_conv_impl: str = "auto"
     # How the decode head fuses the four stages: concat-then-1x1, per-stage 1x1 then sum (fused), or
-    # fused in column-phase pixel order (phased); auto: phased on CPU, fused elsewhere.
+    # fused in column-phase pixel order (phased); auto: phased for inference on CPU, else fused.
     decode_head_impl: str = "auto"
     # Each stage's blocks as one `lax.scan` (parameters stacked on the fly, tree unchanged): the
     # compiled program holds one block per stage, so compile time no longer grows with depth.

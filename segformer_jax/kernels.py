@@ -319,6 +319,9 @@ def upsample_columns_phased(x, s: int, period: int):
     """`to_column_phases(upsample of NHWC x by the integer factor s along W, period)`, computed in
     that order directly (period a multiple of s, W = s * x.shape[2] a multiple of period)."""
     b, h, w, c = x.shape
+    if period % s or w % (period // s):
+        raise ValueError(f"column-phase period {period} needs to be a multiple of the factor {s} and to "
+                         f"divide the upsampled width {s * w}")
     q = period // s                           # input columns per period: phase r reads column q*k + r // s
     k = w // q
     out = None

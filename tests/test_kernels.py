@@ -146,6 +146,8 @@ def test_column_phase_period():
     assert kernels.column_phase_period([16, 8, 4, 2], 16) == 8
     assert kernels.column_phase_period([12, 6, 3, 2], 12) == 12
     assert kernels.column_phase_period([17, 9, 5, 3], 17) is None
+    with pytest.raises(ValueError, match="period 4 needs to be a multiple of the factor 2"):
+        kernels.upsample_columns_phased(jnp.zeros((1, 2, 3, 1)), 2, 4)
 
 
 def _torch_ce(logits, labels, ignore_index=255):
