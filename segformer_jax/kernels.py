@@ -324,11 +324,11 @@ def upsample_columns_phased(x, s: int, period: int):
                          f"divide the upsampled width {s * w}")
     q = period // s                           # input columns per period: phase r reads column q*k + r // s
     k = w // q
+    weights = _phase_weights(s)               # (phase r % s, tap)
     out = None
     for tap, tapped in enumerate((x, _shift(x, 2, -1), _shift(x, 2, +1))):
-        weights = _phase_weights(s)[:, tap]   # by phase r % s
         grouped = tapped.reshape(b, h, k, q, 1, c).transpose(0, 1, 3, 4, 2, 5)    # (b, h, q, 1, k, c)
-        term = grouped * jnp.asarray(weights.reshape(s, 1, 1), x.dtype)           # (b, h, q, s, k, c)
+        term = grouped * jnp.asarray(weights[:, tap].reshape(s, 1, 1), x.dtype)   # (b, h, q, s, k, c)
         out = term if out is None else out + term
     return out.reshape(b, h, s * w, c)
 
