@@ -1,21 +1,36 @@
 """Evaluate a SegFormer on a config's validation split: mIoU, mAcc, aAcc and the per-class table.
 
     python -m segformer_jax.evaluate --config configs/ade20k.py:b2 --checkpoint runs/ade_b2
+    python -m segformer_jax.evaluate --config configs/ade20k.py:b2 --checkpoint runs/ade_b2 \
+        --ratios 0.5,0.75,1,1.25,1.5,1.75 --flip                     # the paper's multi-scale + flip
     python -m segformer_jax.evaluate --config configs/cityscapes.py:b2 --checkpoint path/to/hf_or_flax_dir \
         --config.eval.mode=slide --output results.json
 
 --checkpoint is either a training workdir (its latest checkpoint, or --step N, or --best by the mIoU
 recorded at eval time) or a model directory that `from_pretrained` reads (Hugging Face, our
-`save_pretrained` output such as <workdir>/final). The data and eval settings (mode, crop, stride,
-batch size) come from --config.
+`save_pretrained` output such as <workdir>/final). The data and eval settings (eval scale, mode, crop,
+stride, batch size) come from --config.
+
+Two protocols (--protocol):
+* `original` (default): mmseg's test procedure, the one papers report. Each validation image is
+  resized to the eval scale, segmented (whole or sliding window, optional multi-scale / flip TTA) by
+  `segformer_jax.inference`, the logits are resized back to the image's original size and scored
+  against the label as stored: the label is never resized.
+* `resized`: what train.py's periodic evaluation computes, on device in fixed-shape batches: the
+  label is resized (nearest) with the image to the eval scale and scored there. Fast, and exactly
+  the number recorded with the checkpoints, but not the published protocol when the eval scale
+  changes the image size (ADE20K: short side 512).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from segformer_jax.xla_options import DEFAULT_COMPILATION_CACHE, enable_compilation_cache
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (as for train.py), e.g. configs/ade20k.py:b2; its data and eval fields are used.")
@@ -23,6 +38,14 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, its che
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of a workdir (default: latest).")
 _BEST = flags.DEFINE_bool("best", False, "Use the workdir checkpoint with the best recorded mIoU.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results (per-class table included) to this JSON file.")
+_PROTOCOL = flags.DEFINE_enum("protocol", "original", ["original", "resized"],
+                              "original: mmseg's test procedure, scored at each image's original size; resized: "
+                              "train.py's on-device evaluation at the eval scale.")
+_RATIOS = flags.DEFINE_list("ratios", ["1"], "Multi-scale test ratios (protocol original), e.g. 0.5,0.75,1,1.25,1.5,1.75.")
+_FLIP = flags.DEFINE_bool("flip", False, "Also segment the mirrored images (protocol original).")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache", DEFAULT_COMPILATION_CACHE,
+    "Persistent XLA compilation cache ('' = off): a rerun with the same model and sizes skips compiling.")
 
 
 class EvaluationError(RuntimeError):
@@ -86,18 +109,35 @@ def load_model(path: str, *, step: int | None = None, best: bool = False):
     return model, variables, f"{ckpt_dir}/{step}"
 
 
-def evaluate_model(config, model, variables) -> dict:
-    """Runs the eval split of `config.data` with `config.eval` settings; returns the results dict."""
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from segformer_jax import training
+def evaluate_model(config, model, variables, *, protocol: str = "original", ratios=(1.0,), flip: bool = False) -> dict:
+    """Runs the eval split of `config.data` with `config.eval` settings; returns the results dict
+    (`segformer_jax.metrics.segmentation_metrics` plus "protocol")."""
     from segformer_jax.data import input_pipeline
 
     info = input_pipeline.get_dataset_info(config.data)
     if model.config.num_labels != info.num_classes:
         raise EvaluationError(f"the model predicts {model.config.num_labels} classes, the dataset "
                               f"{info.name} has {info.num_classes}")
+    if protocol == "original":
+        results = evaluate_original(config, model, variables, info, ratios=ratios, flip=flip)
+    elif protocol == "resized":
+        if tuple(float(r) for r in ratios) != (1.0,) or flip:
+            raise EvaluationError("multi-scale / flip test-time augmentation (--ratios, --flip) needs "
+                                  "--protocol original")
+        results = evaluate_resized(config, model, variables, info)
+    else:
+        raise EvaluationError(f"protocol={protocol!r}; choose 'original' or 'resized'")
+    return {"protocol": protocol, **results}
+
+
+def evaluate_resized(config, model, variables, info) -> dict:
+    """train.py's evaluation: fixed-shape batches on device, scored at the eval scale."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from segformer_jax import training
+    from segformer_jax.data import input_pipeline
+
     mesh = training.make_mesh()
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     variables = jax.device_put(variables, replicated)
@@ -111,17 +151,128 @@ def evaluate_model(config, model, variables) -> dict:
     return results
 
 
+def inference_config(config, *, ratios=(1.0,), flip: bool = False):
+    """The `segformer_jax.inference.InferenceConfig` of a training config's eval settings: keep-ratio
+    resize to `data.eval_scale` (None: original size) rounded up to `data.eval_size_divisor`, `eval.mode`,
+    and for 'slide' its crop and stride. Tiles are padded to multiples of 32 (one compilation per
+    padded size); with a divisor of 32 (ADE20K) nothing is padded, as in NVlabs' test pipeline."""
+    from segformer_jax.inference import InferenceConfig
+
+    mode = config.eval.mode
+    kwargs = {}
+    if mode == "slide":
+        if not config.eval.get("crop_size") or not config.eval.get("stride"):
+            raise EvaluationError("eval.mode='slide' needs eval.crop_size and eval.stride")
+        kwargs = {"crop": tuple(config.eval.crop_size), "stride": tuple(config.eval.stride)}
+    scale = config.data.get("eval_scale")
+    try:
+        return InferenceConfig(mode=mode, scale=tuple(scale) if scale else None,
+                               ratios=tuple(float(r) for r in ratios), flip=bool(flip),
+                               size_divisor=int(config.data.get("eval_size_divisor") or 0) or None, **kwargs)
+    except ValueError as err:
+        raise EvaluationError(f"eval settings: {err}") from None
+
+
+def evaluate_original(config, model, variables, info, *, ratios=(1.0,), flip: bool = False) -> dict:
+    """mmseg's test protocol (module doc). Each process segments its shard of the validation images
+    (`config.eval.batch_size` images at a time through one `TiledForward`); the confusion matrices of
+    all processes are summed."""
+    import jax
+    import numpy as np
+
+    from segformer_jax import inference, metrics
+    from segformer_jax.data import input_pipeline
+
+    cfg = inference_config(config, ratios=ratios, flip=flip)
+    group = max(1, int(config.eval.batch_size) // jax.process_count())
+    forward = inference.TiledForward.from_model(model, variables, batch_size=group)
+    examples, n = input_pipeline.make_original_eval_dataset(
+        config.data, process_index=jax.process_index(), process_count=jax.process_count())
+    k, ignore = info.num_classes, int(info.ignore_index)
+    matrix = np.zeros((k, k), np.int64)
+    bar = None
+    if config.progress_bar and jax.process_index() == 0:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=n, desc="eval", leave=False, dynamic_ncols=True)
+
+    def score(images, labels):
+        nonlocal matrix
+        for image, label in zip(images, labels):
+            if label.shape != image.shape[:2]:
+                raise EvaluationError(f"{info.name}: a validation label of {label.shape[0]}x{label.shape[1]} pixels "
+                                      f"belongs to an image of {image.shape[0]}x{image.shape[1]}; image and mask "
+                                      "must have the same size")
+        for logits, label in zip(inference.segment_batch(forward, images, cfg), labels):
+            matrix += label_confusion(label, np.argmax(logits, axis=-1), k, ignore)
+        if bar is not None:
+            bar.update(len(images))
+
+    images, labels = [], []
+    for example in examples.as_numpy_iterator():
+        images.append(example["image"])
+        labels.append(example["label"])
+        if len(images) == group:
+            score(images, labels)
+            images, labels = [], []
+    if images:
+        score(images, labels)
+    if bar is not None:
+        bar.close()
+    if jax.process_count() > 1:
+        matrix = _sum_over_processes(matrix)
+    return metrics.segmentation_metrics(matrix, info.class_names)
+
+
+def _sum_over_processes(matrix):
+    """Sum of an int64 matrix over all processes. JAX arrays are 32-bit here (x64 off) and a dataset can
+    count more than 2^31 pixels (Cityscapes val does), so it travels as two 31-bit halves."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    low, high = (matrix & (2 ** 31 - 1)).astype(np.int32), (matrix >> 31).astype(np.int32)
+    low, high = (np.asarray(multihost_utils.process_allgather(x), np.int64).sum(axis=0) for x in (low, high))
+    return (high << 31) + low
+
+
+def label_confusion(label, prediction, num_classes: int, ignore_index: int = 255):
+    """(K, K) int64 counts of one label map against a prediction of the same shape (numpy; rows =
+    ground truth). Pixels labelled ignore_index or outside [0, K) are not counted."""
+    import numpy as np
+
+    label = np.asarray(label).astype(np.int64).reshape(-1)
+    prediction = np.asarray(prediction).astype(np.int64).reshape(-1)
+    if label.shape != prediction.shape:
+        raise ValueError(f"label of {label.size} pixels against a prediction of {prediction.size}")
+    valid = (label != ignore_index) & (label >= 0) & (label < num_classes)
+    index = label[valid] * num_classes + np.clip(prediction[valid], 0, num_classes - 1)
+    return np.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if _CONFIG.value is None or not _CHECKPOINT.value:
         raise app.UsageError("--config and --checkpoint are required")
+    try:
+        ratios = tuple(float(r) for r in _RATIOS.value)
+    except ValueError:
+        raise app.UsageError(f"--ratios={','.join(_RATIOS.value)}: give numbers, e.g. 0.75,1,1.25") from None
     from segformer_jax import metrics, training
+    from segformer_jax.data.sources import DataNotFoundError
     logging.set_verbosity(logging.WARNING)
+    enable_compilation_cache(_CACHE.value)
     training.maybe_initialize_distributed(_CONFIG.value)
-    model, variables, source = load_model(_CHECKPOINT.value, step=_STEP.value, best=_BEST.value)
-    results = evaluate_model(_CONFIG.value, model, variables)
-    print(f"{source} on {_CONFIG.value.data.name} ({_CONFIG.value.eval.mode} inference):")
+    try:
+        model, variables, source = load_model(_CHECKPOINT.value, step=_STEP.value, best=_BEST.value)
+        results = evaluate_model(_CONFIG.value, model, variables, protocol=_PROTOCOL.value, ratios=ratios,
+                                 flip=_FLIP.value)
+    except (EvaluationError, DataNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    tta = f", ratios {','.join(f'{r:g}' for r in ratios)}{' + flip' if _FLIP.value else ''}" \
+        if _PROTOCOL.value == "original" else ""
+    print(f"{source} on {_CONFIG.value.data.name} ({_CONFIG.value.eval.mode} inference, "
+          f"scored at the {_PROTOCOL.value} size{tta}):")
     print(metrics.format_table(results))
     if _OUTPUT.value:
         metrics.save_json({"checkpoint": source, **results}, _OUTPUT.value)

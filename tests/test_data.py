@@ -687,3 +687,45 @@ def test_eval_transform_shrinks_to_fit_pad_size():
   lab = out["label"].numpy()
   assert lab.shape == (16, 24)
   assert (lab[:12, :12] == 0).all() and (lab[:12, 12:] == 1).all() and (lab[12:] == 255).all()
+
+
+def test_eval_size_divisor_aligns_the_resized_size():
+  # NVlabs AlignedResize: keep-ratio (64, 64) makes 20x40 -> 32x64, then 40x60 -> 43x64 is
+  # rounded up to 48x64 (divisor 16); the label follows with nearest.
+  cfg = ip.default_data_config()
+  cfg.eval_scale = (64, 64)
+  cfg.eval_pad_size = (64, 64)
+  cfg.eval_size_divisor = 16
+  label = np.zeros((40, 60), np.uint8)
+  label[:, 30:] = 1
+  out = ip.eval_transform(tf.zeros([40, 60, 3], tf.uint8), tf.constant(label), cfg)
+  assert out["image_size"].numpy().tolist() == [48, 64]
+  lab = out["label"].numpy()
+  assert (lab[:48, :32] == 0).all() and (lab[:48, 32:] == 1).all() and (lab[48:] == 255).all()
+  cfg.eval_pad_size = (72, 64)
+  with pytest.raises(ValueError, match="not a multiple of eval_size_divisor=16"):
+    ip.make_eval_dataset(cfg, 1)
+
+
+def test_original_eval_dataset_yields_examples_as_stored_per_host(tmp_path):
+  sizes = [(40, 60), (60, 30), (33, 47)]
+  rng = np.random.default_rng(3)
+  images, masks = [], []
+  for split in ("train", "val"):
+    for i, (h, w) in enumerate(sizes):
+      images.append(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+      masks.append(rng.integers(0, 3, (h, w), dtype=np.uint8))
+      masks[-1][0, :3] = 255
+      save_png(str(tmp_path / split / "images" / f"{i}.png"), images[-1])
+      save_png(str(tmp_path / split / "masks" / f"{i}.png"), masks[-1])
+  cfg = folder_cfg(tmp_path, num_classes=3, eval_scale=(64, 64), eval_pad_size=(64, 64))
+  ds, n = ip.make_original_eval_dataset(cfg)
+  examples = list(ds.as_numpy_iterator())
+  assert n == 3 and len(examples) == 3
+  for k, ex in enumerate(examples):   # as stored: neither resized nor normalised nor padded
+    np.testing.assert_array_equal(ex["image"], images[3 + k])
+    np.testing.assert_array_equal(ex["label"], masks[3 + k])
+  shards = [ip.make_original_eval_dataset(cfg, process_index=i, process_count=2) for i in range(2)]
+  assert [s[1] for s in shards] == [2, 1]
+  firsts = [[ex["label"].shape for ex in s[0].as_numpy_iterator()] for s in shards]
+  assert firsts == [[(40, 60), (33, 47)], [(60, 30)]]

@@ -17,6 +17,9 @@ Interface used by the training loop::
     #   {"image": float32 [B, H, W, 3], "label": int32 [B, H, W] (255 on padding),
     #    "valid": bool [B] (False = example padded in to fill the last batch),
     #    "image_size": int32 [B, 2] (h, w of the resized image before padding)}
+    originals, n = input_pipeline.make_original_eval_dataset(cfg, process_index=0, process_count=1)
+    #   unbatched {"image": uint8 [H, W, 3], "label": uint8 [H, W]} at the original size
+    #   (scoring at the original resolution, mmseg's test protocol: segformer_jax.evaluate)
 
 Training transforms (per example, in this order, as mmseg's SegFormer configs):
 
@@ -38,7 +41,9 @@ Training transforms (per example, in this order, as mmseg's SegFormer configs):
 
 Eval: resize keeping aspect ratio to ``eval_scale`` (mmseg ``Resize(keep_ratio=True)``;
 ``eval_scale=None`` keeps the original size), shrink further (keeping ratio) only if
-the result does not fit ``eval_pad_size``, normalise, pad to ``eval_pad_size``
+the result does not fit ``eval_pad_size``, round the size up to a multiple of
+``eval_size_divisor`` if set (NVlabs ``AlignedResize``, one resize to the aligned size
+where NVlabs resizes twice), normalise, pad to ``eval_pad_size``
 (bottom/right, image 0, label 255). The label is resized with nearest at the same
 geometry. For sliding-window inference run the windows over ``image`` (the valid
 area is ``image_size``); for whole-image inference use it directly.
@@ -116,6 +121,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   # --- evaluation
   c.eval_scale = (128, 128)  # (w, h) keep-ratio resize scale for eval; None = original size
   c.eval_pad_size = (128, 128)  # (h, w) static eval shape (pad; shrink if larger); None = no padding (batch_size 1)
+  c.eval_size_divisor = 0  # round the eval size up to a multiple (NVlabs AlignedResize: 32 for ADE20K); 0 = off
   # --- tf.data
   c.shuffle_buffer = 2048  # records (still encoded) in the per-epoch shuffle buffer
   c.num_parallel_calls = -1  # parallel decode/augment calls; -1 = AUTOTUNE
@@ -128,7 +134,7 @@ _PRESETS = {
     # NVlabs SegFormer ADE20K 512x512 recipe.
     "scene_parse150": dict(crop_size=(512, 512), scale=(2048, 512),
                            eval_scale=(2048, 512), eval_pad_size=(1024, 1024),
-                           shuffle_buffer=1024),
+                           eval_size_divisor=32, shuffle_buffer=1024),
     # NVlabs SegFormer Cityscapes 1024x1024 recipe (eval: sliding window 1024, stride 768).
     "cityscapes": dict(crop_size=(1024, 1024), scale=(2048, 1024),
                        eval_scale=(2048, 1024), eval_pad_size=(1024, 2048),
@@ -418,6 +424,10 @@ def eval_transform(image, label, cfg):
     f = tf.minimum(1.0, tf.minimum(ph / tf.cast(nh, tf.float32), pw / tf.cast(nw, tf.float32)))
     nh = tf.where(f < 1.0, tf.minimum(tf.cast(tf.floor(tf.cast(nh, tf.float32) * f + 0.5), tf.int32), ph), nh)
     nw = tf.where(f < 1.0, tf.minimum(tf.cast(tf.floor(tf.cast(nw, tf.float32) * f + 0.5), tf.int32), pw), nw)
+  divisor = int(_get(cfg, "eval_size_divisor") or 0)
+  if divisor > 1:   # NVlabs AlignedResize; fits the pad shape, a multiple of the divisor (checked)
+    nh = (nh + divisor - 1) // divisor * divisor
+    nw = (nw + divisor - 1) // divisor * divisor
   image, label = _resize_pair(image, label, nh, nw)
   image = _normalize(image, cfg)
   if pad:
@@ -536,6 +546,10 @@ def make_eval_dataset(data_config, batch_size: int, *, process_index: int = 0,
   if not pad and batch_size != 1:
     raise ValueError("eval_pad_size=None gives examples of different shapes: use "
                      "batch_size=1 or set eval_pad_size=(h, w).")
+  divisor = int(_get(data_config, "eval_size_divisor") or 0)
+  if pad and divisor > 1 and any(int(x) % divisor for x in pad):
+    raise ValueError(f"eval_pad_size={tuple(pad)} is not a multiple of eval_size_divisor={divisor}: "
+                     "the aligned eval size would not fit; make both sides multiples of it.")
   src = get_source(data_config)
   n_total = src.num_examples(src.eval_split)
   n = _shard_size(n_total, process_index, process_count)
@@ -577,3 +591,24 @@ def make_eval_iterator(data_config, batch_size: int, *, process_index: int = 0,
                                          process_index=process_index,
                                          process_count=process_count)
   return EvalIterable(ds, num_batches, n)
+
+
+def make_original_eval_dataset(data_config, *, process_index: int = 0,
+                               process_count: int = 1) -> tuple[tf.data.Dataset, int]:
+  """(dataset, num_examples of this host): the eval split as decoded, unbatched and at its
+  original size: {"image": uint8 [H, W, 3], "label": uint8 [H, W] (train ids, 255 = ignore)}.
+  For scoring at the original resolution (mmseg's test protocol: the prediction is resized back
+  to the image, the label is never resized). Hosts get disjoint examples as in
+  ``make_eval_dataset``; no padding examples are added."""
+  _check_hosts(process_index, process_count)
+  src = get_source(data_config)
+  n = _shard_size(src.num_examples(src.eval_split), process_index, process_count)
+  records = src.records(src.eval_split).shard(process_count, process_index)
+
+  def process(record):
+    image, label = src.decode(record)
+    return {"image": image, "label": label}
+
+  ds = records.map(process, num_parallel_calls=_num_calls(data_config), deterministic=True)
+  ds = ds.prefetch(int(_get(data_config, "prefetch")))
+  return ds.with_options(_options()), n
