@@ -110,8 +110,10 @@ def load_model(path: str, *, step: int | None = None, best: bool = False):
 
 
 def evaluate_model(config, model, variables, *, protocol: str = "original", ratios=(1.0,), flip: bool = False) -> dict:
-    """Runs the eval split of `config.data` with `config.eval` settings; returns the results dict
-    (`segformer_jax.metrics.segmentation_metrics` plus "protocol")."""
+    """Runs the eval split of `config.data` with `config.eval` settings; returns the results dict:
+    `segformer_jax.metrics.segmentation_metrics`, "protocol", and "confusion_matrix" (K x K pixel counts,
+    rows = ground truth, columns = prediction)."""
+    from segformer_jax import metrics
     from segformer_jax.data import input_pipeline
 
     info = input_pipeline.get_dataset_info(config.data)
@@ -119,19 +121,20 @@ def evaluate_model(config, model, variables, *, protocol: str = "original", rati
         raise EvaluationError(f"the model predicts {model.config.num_labels} classes, the dataset "
                               f"{info.name} has {info.num_classes}")
     if protocol == "original":
-        results = evaluate_original(config, model, variables, info, ratios=ratios, flip=flip)
+        matrix = confusion_at_original_size(config, model, variables, info, ratios=ratios, flip=flip)
     elif protocol == "resized":
         if tuple(float(r) for r in ratios) != (1.0,) or flip:
             raise EvaluationError("multi-scale / flip test-time augmentation (--ratios, --flip) needs "
                                   "--protocol original")
-        results = evaluate_resized(config, model, variables, info)
+        matrix = confusion_at_resized_size(config, model, variables, info)
     else:
         raise EvaluationError(f"protocol={protocol!r}; choose 'original' or 'resized'")
-    return {"protocol": protocol, **results}
+    return {"protocol": protocol, **metrics.segmentation_metrics(matrix, info.class_names),
+            "confusion_matrix": matrix.tolist()}
 
 
-def evaluate_resized(config, model, variables, info) -> dict:
-    """train.py's evaluation: fixed-shape batches on device, scored at the eval scale."""
+def confusion_at_resized_size(config, model, variables, info):
+    """train.py's evaluation: fixed-shape batches on device, scored at the eval scale. -> (K, K) int64."""
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -145,10 +148,9 @@ def evaluate_resized(config, model, variables, info) -> dict:
                         in_shardings=(replicated, batch_sharding), out_shardings=(replicated, batch_sharding))
     batches = input_pipeline.make_eval_iterator(config.data, int(config.eval.batch_size) // jax.process_count(),
                                                 process_index=jax.process_index(), process_count=jax.process_count())
-    results, _ = training.evaluate(variables, batches, eval_step, num_classes=info.num_classes,
-                                   class_names=info.class_names, batch_sharding=batch_sharding,
-                                   progress=bool(config.progress_bar))
-    return results
+    matrix, _ = training.confusion_over_batches(variables, batches, eval_step, num_classes=info.num_classes,
+                                                batch_sharding=batch_sharding, progress=bool(config.progress_bar))
+    return matrix
 
 
 def inference_config(config, *, ratios=(1.0,), flip: bool = False):
@@ -173,14 +175,14 @@ def inference_config(config, *, ratios=(1.0,), flip: bool = False):
         raise EvaluationError(f"eval settings: {err}") from None
 
 
-def evaluate_original(config, model, variables, info, *, ratios=(1.0,), flip: bool = False) -> dict:
-    """mmseg's test protocol (module doc). Each process segments its shard of the validation images
-    (`config.eval.batch_size` images at a time through one `TiledForward`); the confusion matrices of
-    all processes are summed."""
+def confusion_at_original_size(config, model, variables, info, *, ratios=(1.0,), flip: bool = False):
+    """mmseg's test protocol (module doc) -> (K, K) int64. Each process segments its shard of the
+    validation images (`config.eval.batch_size` images at a time through one `TiledForward`); the
+    matrices of all processes are summed."""
     import jax
     import numpy as np
 
-    from segformer_jax import inference, metrics
+    from segformer_jax import inference
     from segformer_jax.data import input_pipeline
 
     cfg = inference_config(config, ratios=ratios, flip=flip)
@@ -220,7 +222,7 @@ def evaluate_original(config, model, variables, info, *, ratios=(1.0,), flip: bo
         bar.close()
     if jax.process_count() > 1:
         matrix = _sum_over_processes(matrix)
-    return metrics.segmentation_metrics(matrix, info.class_names)
+    return matrix
 
 
 def _sum_over_processes(matrix):
@@ -257,6 +259,8 @@ def main(argv):
         ratios = tuple(float(r) for r in _RATIOS.value)
     except ValueError:
         raise app.UsageError(f"--ratios={','.join(_RATIOS.value)}: give numbers, e.g. 0.75,1,1.25") from None
+    if _PROTOCOL.value == "resized" and (ratios != (1.0,) or _FLIP.value):
+        raise app.UsageError("--ratios and --flip (test-time augmentation) need --protocol original")
     from segformer_jax import metrics, training
     from segformer_jax.data.sources import DataNotFoundError
     logging.set_verbosity(logging.WARNING)

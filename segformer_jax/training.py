@@ -226,6 +226,14 @@ def make_eval_step(model, config, num_classes: int, ignore_index: int = 255):
 def evaluate(variables, eval_batches, eval_step_fn, *, num_classes, class_names, batch_sharding,
              num_vis: int = 0, progress: bool = False):
     """Runs `eval_step_fn` (jitted) over all eval batches. -> (results dict, first-batch visual data)."""
+    matrix, vis = confusion_over_batches(variables, eval_batches, eval_step_fn, num_classes=num_classes,
+                                         batch_sharding=batch_sharding, num_vis=num_vis, progress=progress)
+    return metrics.segmentation_metrics(matrix, class_names), vis
+
+
+def confusion_over_batches(variables, eval_batches, eval_step_fn, *, num_classes, batch_sharding,
+                           num_vis: int = 0, progress: bool = False):
+    """-> ((K, K) int64 confusion matrix over all eval batches, first-batch visual data)."""
     acc = metrics.ConfusionMatrixAccumulator(num_classes)
     vis = None
     it = eval_batches
@@ -240,7 +248,7 @@ def evaluate(variables, eval_batches, eval_step_fn, *, num_classes, class_names,
         if vis is None and num_vis > 0:
             n = min(num_vis, int(np.sum(batch["valid"])))
             vis = {"image": batch["image"][:n], "label": batch["label"][:n], "pred": to_host(preds)[:n]}
-    return metrics.segmentation_metrics(acc.result(), class_names), vis
+    return acc.result(), vis
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -390,3 +390,84 @@ def test_default_run_reaches_target_miou_within_ten_minutes(tmp_path):
     print(f"default run: {minutes:.1f} min, mIoU {results['mIoU']:.4f}")
     assert results["mIoU"] >= 0.85
     assert minutes <= 10, "slower than 10 minutes (is the CPU shared with other jobs?)"
+
+
+def _varied_size_folder(root, class_names):
+    """A folder dataset whose validation images have different sizes, none a multiple of 32."""
+    from PIL import Image
+    rng = np.random.default_rng(7)
+    for split, sizes in (("train", [(48, 40)]), ("val", [(40, 56), (70, 37), (64, 64)])):
+        for i, (h, w) in enumerate(sizes):
+            for sub in ("images", "masks"):
+                (root / split / sub).mkdir(parents=True, exist_ok=True)
+            mask = rng.integers(0, len(class_names), (h, w), dtype=np.uint8)
+            mask[:5, :7] = 255
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / split / "images" / f"{i}.png")
+            Image.fromarray(mask).save(root / split / "masks" / f"{i}.png")
+    (root / "class_names.txt").write_text("\n".join(class_names) + "\n")
+    return sorted((root / "val" / "images").iterdir())
+
+
+def test_evaluate_reproduces_the_training_eval_and_scores_at_the_original_size(uninterrupted_run, data_dir, tmp_path,
+                                                                               compile_cache):
+    workdir, _ = uninterrupted_run
+    # The command line with --protocol resized gives exactly the numbers of the run's final evaluation.
+    out = subprocess.run(
+        [sys.executable, "-m", "segformer_jax.evaluate", f"--config={os.path.join(REPO, 'configs', 'default.py')}:tiny",
+         f"--config.data.data_dir={data_dir}", f"--checkpoint={workdir}", "--protocol=resized",
+         f"--output={tmp_path / 'resized.json'}", "--config.progress_bar=False", f"--compilation_cache={compile_cache}"],
+        capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-4000:]
+    recorded = json.load(open(os.path.join(workdir, "eval", "eval_4.json")))
+    got = json.load(open(tmp_path / "resized.json"))
+    assert got["protocol"] == "resized" and got["checkpoint"].endswith(os.path.join("checkpoints", "4"))
+    assert {k: got[k] for k in ("mIoU", "mAcc", "aAcc", "num_pixels", "per_class")} == \
+        {k: recorded[k] for k in ("mIoU", "mAcc", "aAcc", "num_pixels", "per_class")}
+
+    # --protocol original on images of varied sizes, all resized for inference (eval scale 80): the
+    # prediction is resized back and scored against the stored label, computed here image by image.
+    from PIL import Image
+
+    from segformer_jax import evaluate
+    from segformer_jax.decode_head import upsample_bilinear
+    from segformer_jax.inference import resize_bilinear
+    from segformer_jax.preprocess import normalize_images
+    model, variables, _ = evaluate.load_model(workdir)
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    config = _config_like_run_flags(data_dir)
+    config.data.name, config.data.folder = "folder", str(tmp_path / "varied")
+    config.data.eval_scale, config.data.eval_pad_size = (80, 80), (96, 96)
+    config.eval.batch_size = 2       # two groups: 2 images, then 1
+    files = _varied_size_folder(tmp_path / "varied", names)
+    k = len(names)
+    expected, near_ties, stored_pixels = np.zeros((k, k), np.int64), 0, 0
+    for path in files:
+        image = np.asarray(Image.open(path).convert("RGB"))
+        label = np.asarray(Image.open(tmp_path / "varied" / "val" / "masks" / path.name)).astype(np.int64)
+        h, w = label.shape
+        f = min(80 / max(h, w), 80 / min(h, w))               # mmcv keep-ratio rescale to (80, 80)
+        size = (int(h * f + 0.5), int(w * f + 0.5))
+        padded = tuple(-(-n // 32) * 32 for n in size)        # zero-padded to multiples of 32 (the bucket)
+        tile = np.zeros(padded + (3,), np.float32)
+        tile[:size[0], :size[1]] = normalize_images(resize_bilinear(image, size))
+        logits = upsample_bilinear(model.apply(variables, tile[None]), padded)[0, :size[0], :size[1]]
+        logits = resize_bilinear(np.asarray(logits), (h, w))
+        top2 = np.sort(logits, axis=-1)[..., -2:]
+        valid = label != 255
+        near_ties += int(np.sum((top2[..., 1] - top2[..., 0] < 1e-4) & valid))
+        expected += np.bincount(label[valid] * k + logits.argmax(-1)[valid], minlength=k * k).reshape(k, k)
+        stored_pixels += int(valid.sum())
+    results = evaluate.evaluate_model(config, model, variables)       # protocol 'original' by default
+    assert results["protocol"] == "original"
+    assert results["num_pixels"] == stored_pixels == expected.sum()   # every stored labelled pixel, once
+    assert np.abs(np.asarray(results["confusion_matrix"]) - expected).sum() <= 2 * near_ties
+    resized = evaluate.evaluate_model(config, model, variables, protocol="resized")
+    assert resized["num_pixels"] != stored_pixels                     # labels resized with the images
+    with pytest.raises(evaluate.EvaluationError, match="needs --protocol original"):
+        evaluate.evaluate_model(config, model, variables, protocol="resized", flip=True)
+
+
+def test_confusion_matrices_beyond_int32_survive_the_sum_over_processes():
+    from segformer_jax import evaluate
+    matrix = np.array([[2 ** 40 + 5, 0], [2 ** 31, 2 ** 31 - 1]], np.int64)   # Cityscapes val counts 2^31 pixels
+    np.testing.assert_array_equal(evaluate._sum_over_processes(matrix), matrix)
