@@ -136,6 +136,7 @@ def evaluate_model(config, model, variables, *, protocol: str = "original", rati
 def confusion_at_resized_size(config, model, variables, info):
     """train.py's evaluation: fixed-shape batches on device, scored at the eval scale. -> (K, K) int64."""
     import jax
+    import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from segformer_jax import training
@@ -143,7 +144,10 @@ def confusion_at_resized_size(config, model, variables, info):
 
     mesh = training.make_mesh()
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    variables = jax.device_put(variables, replicated)
+    # Every process holds the whole model: its local copy becomes the replicated global array (a
+    # device_put of a local array onto a multi-process mesh would be a cross-host transfer).
+    variables = jax.tree_util.tree_map(
+        lambda v: jax.make_array_from_process_local_data(replicated, np.asarray(v)), variables)
     eval_step = jax.jit(training.make_eval_step(model, config, info.num_classes, int(info.ignore_index)),
                         in_shardings=(replicated, batch_sharding), out_shardings=(replicated, batch_sharding))
     batches = input_pipeline.make_eval_iterator(config.data, int(config.eval.batch_size) // jax.process_count(),
@@ -261,6 +265,8 @@ def main(argv):
         raise app.UsageError(f"--ratios={','.join(_RATIOS.value)}: give numbers, e.g. 0.75,1,1.25") from None
     if _PROTOCOL.value == "resized" and (ratios != (1.0,) or _FLIP.value):
         raise app.UsageError("--ratios and --flip (test-time augmentation) need --protocol original")
+    import jax
+
     from segformer_jax import metrics, training
     from segformer_jax.data.sources import DataNotFoundError
     logging.set_verbosity(logging.WARNING)
@@ -273,6 +279,8 @@ def main(argv):
     except (EvaluationError, DataNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    if jax.process_index() != 0:      # every process computed the same results; one reports them
+        return
     tta = f", ratios {','.join(f'{r:g}' for r in ratios)}{' + flip' if _FLIP.value else ''}" \
         if _PROTOCOL.value == "original" else ""
     print(f"{source} on {_CONFIG.value.data.name} ({_CONFIG.value.eval.mode} inference, "

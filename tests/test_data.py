@@ -501,6 +501,7 @@ def test_tfds_sources_label_mapping_under_mock(tmp_path, name, image_key, label_
     cfg.data_dir = str(tmp_path)
     cfg.eval_scale = None
     cfg.eval_pad_size = None
+    cfg.eval_size_divisor = 0   # the ids as stored, at the stored size
     for k, v in extra.items():
       setattr(cfg, k, v)
     info = ip.get_dataset_info(cfg)

@@ -299,17 +299,17 @@ def test_two_process_run_trains_checkpoints_exports_and_resumes(tmp_path, data_d
     reached.) ~1-2 minutes: slow-marked."""
     workdir = str(tmp_path / "w")
 
-    def run_both(*extra):
+    def run_both(*extra, program=(os.path.join(REPO, "train.py"),)):
         port = _free_port()
         procs = []
         for rank in range(2):
             env = {**os.environ, "SEGFORMER_MULTI_HOST": "1", "SEGFORMER_COORDINATOR": f"127.0.0.1:{port}",
                    "SEGFORMER_NUM_PROCESSES": "2", "SEGFORMER_PROCESS_ID": str(rank), "JAX_PLATFORMS": "cpu",
                    "JAX_COMPILATION_CACHE_DIR": ""}
-            cmd = [sys.executable, os.path.join(REPO, "train.py"),
-                   f"--config={os.path.join(REPO, 'configs', 'default.py')}:tiny", f"--workdir={workdir}",
-                   f"--config.data.data_dir={data_dir}", "--config.checkpoint.every_steps=2",
-                   "--config.log_every_steps=1", "--config.progress_bar=False", *extra]
+            cmd = [sys.executable, *program, f"--config={os.path.join(REPO, 'configs', 'default.py')}:tiny",
+                   f"--config.data.data_dir={data_dir}", "--config.progress_bar=False", *extra]
+            if program[-1].endswith("train.py"):
+                cmd += [f"--workdir={workdir}", "--config.checkpoint.every_steps=2", "--config.log_every_steps=1"]
             procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                                           env=env))
         outs = [p.communicate(timeout=900) for p in procs]
@@ -330,6 +330,17 @@ def test_two_process_run_trains_checkpoints_exports_and_resumes(tmp_path, data_d
     train = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [r["step"] for r in train if r["split"] == "train"] == [1, 2, 3, 4]   # written once, by process 0
     assert all(np.isfinite(r["loss"]) for r in train if r["split"] == "train")
+
+    # segformer_jax.evaluate as two processes, each on its half of the images: both protocols give the
+    # numbers of the run's final evaluation (eval scale = image size here), reported by process 0.
+    recorded = json.load(open(os.path.join(workdir, "eval", "eval_4.json")))
+    for protocol in ("resized", "original"):
+        output = str(tmp_path / f"{protocol}.json")
+        outs = run_both(f"--checkpoint={workdir}", f"--protocol={protocol}", f"--output={output}",
+                        "--compilation_cache=", program=("-m", "segformer_jax.evaluate"))
+        assert "mIoU" in outs[0][0] and "mIoU" not in outs[1][0]
+        got = json.load(open(output))
+        assert got["num_pixels"] == recorded["num_pixels"] and abs(got["mIoU"] - recorded["mIoU"]) < 1e-3
 
 def test_resume_after_kill_is_bit_exact(uninterrupted_run, tmp_path, data_dir, compile_cache):
     reference_dir, _ = uninterrupted_run
