@@ -208,8 +208,8 @@ def confusion_at_original_size(config, model, variables, info, *, ratios=(1.0,),
                 raise EvaluationError(f"{info.name}: a validation label of {label.shape[0]}x{label.shape[1]} pixels "
                                       f"belongs to an image of {image.shape[0]}x{image.shape[1]}; image and mask "
                                       "must have the same size")
-        for logits, label in zip(inference.segment_batch(forward, images, cfg), labels):
-            matrix += label_confusion(label, np.argmax(logits, axis=-1), k, ignore)
+        for prediction, label in zip(inference.segment_batch(forward, images, cfg, labels=True), labels):
+            matrix += label_confusion(label, prediction, k, ignore)
         if bar is not None:
             bar.update(len(images))
 

@@ -191,16 +191,23 @@ class TiledForward:
             self._compiled[chunk.shape] = compiled
         return compiled(variables, chunk)
 
-    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+    def _batches(self, tiles: np.ndarray):
+        """(logits of a full batch on the device, how many of its tiles are real), batch by batch."""
         tiles = np.asarray(tiles, np.float32)
         n, b = len(tiles), self.batch_size
-        outs = []
         for start in range(0, n, b):
             chunk = tiles[start:start + b]
             if len(chunk) < b:
                 chunk = np.concatenate([chunk, np.zeros((b - len(chunk),) + chunk.shape[1:], np.float32)])
-            outs.append(np.asarray(self._run(self.variables, chunk))[:min(b, n - start)])
+            yield self._run(self.variables, chunk), min(b, n - start)
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        outs = [np.asarray(out)[:real] for out, real in self._batches(tiles)]
         return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
+
+    def on_device(self, tiles: np.ndarray) -> list:
+        """The same logits left on the device: one (H, W, num_labels) jax.Array per tile."""
+        return [out[i] for out, real in self._batches(tiles) for i in range(real)]
 
 
 # ------------------------------------------------------------------------------------ planning
@@ -250,21 +257,25 @@ def _plan(image: np.ndarray, cfg: InferenceConfig) -> list[_Aug]:
     return augs
 
 
+def _average_windows(aug: _Aug, window_logits: Sequence[np.ndarray]) -> np.ndarray:
+    """mmseg slide_inference: overlapping windows' logits summed and divided by the window count."""
+    h, w = aug.size
+    preds = np.zeros((h, w, window_logits[0].shape[-1]), np.float32)
+    count = np.zeros((h, w, 1), np.float32)
+    for (y1, y2, x1, x2), tile_logits in zip(aug.windows, window_logits):
+        preds[y1:y2, x1:x2] += tile_logits[:y2 - y1, :x2 - x1]
+        count[y1:y2, x1:x2] += 1
+    return preds / count
+
+
 def _assemble(augs: list[_Aug], out_size: tuple[int, int]) -> np.ndarray:
     results = []
     for aug in augs:
-        h, w = aug.size
-        c = aug.logits[0].shape[-1]
         if len(aug.windows) == 1:
             y1, y2, x1, x2 = aug.windows[0]
             logits = aug.logits[0][:y2 - y1, :x2 - x1]
         else:
-            preds = np.zeros((h, w, c), np.float32)
-            count = np.zeros((h, w, 1), np.float32)
-            for (y1, y2, x1, x2), tile_logits in zip(aug.windows, aug.logits):
-                preds[y1:y2, x1:x2] += tile_logits[:y2 - y1, :x2 - x1]
-                count[y1:y2, x1:x2] += 1
-            logits = preds / count
+            logits = _average_windows(aug, aug.logits)
         if aug.flip:
             logits = logits[:, ::-1]
         results.append(resize_bilinear(np.ascontiguousarray(logits), out_size))
@@ -273,11 +284,79 @@ def _assemble(augs: list[_Aug], out_size: tuple[int, int]) -> np.ndarray:
     return np.mean([softmax(r) for r in results], axis=0, dtype=np.float32).astype(np.float32)
 
 
+OUTPUT_BUCKET = 32   # device-side resizing pads output sizes to multiples of this: fewer compilations
+
+
+def _resample_rows_cols(x, rows, cols):
+    """Separable 2-tap bilinear resampling by index/weight vectors (`_axis_weights`), as `resize_bilinear`."""
+    i0, i1, a, b = rows
+    x = x[i0] * a[:, None, None] + x[i1] * b[:, None, None]
+    j0, j1, c, d = cols
+    return x[:, j0] * c[None, :, None] + x[:, j1] * d[None, :, None]
+
+
+def _device_programs():
+    """Jitted (logits, rows, cols) -> resized logits / softmax probabilities / labels; compiled per shape."""
+    global _DEVICE_PROGRAMS
+    if _DEVICE_PROGRAMS is None:
+        import jax
+        import jax.numpy as jnp
+        _DEVICE_PROGRAMS = {
+            "logits": jax.jit(_resample_rows_cols),
+            "probs": jax.jit(lambda x, rows, cols: jax.nn.softmax(_resample_rows_cols(x, rows, cols), axis=-1)),
+            "labels": jax.jit(lambda x, rows, cols: jnp.argmax(_resample_rows_cols(x, rows, cols), axis=-1)
+                              .astype(jnp.int32)),
+            "argmax": jax.jit(lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32)),
+        }
+    return _DEVICE_PROGRAMS
+
+
+_DEVICE_PROGRAMS = None
+
+
+def _padded_axis(n_in: int, n_out: int, flip: bool = False):
+    """`_axis_weights` padded to a multiple of OUTPUT_BUCKET outputs (the extra ones are cropped off);
+    with flip, read the input mirrored (the logits of a flipped image)."""
+    i0, i1, a, b = _axis_weights(n_in, n_out)
+    if flip:
+        i0, i1 = n_in - 1 - i0, n_in - 1 - i1
+    pad = _round_up(n_out, OUTPUT_BUCKET) - n_out
+    return (np.pad(i0, (0, pad)).astype(np.int32), np.pad(i1, (0, pad)).astype(np.int32),
+            np.pad(a, (0, pad)), np.pad(b, (0, pad)))
+
+
+def _assemble_on_device(augs: list[_Aug], out_size: tuple[int, int], labels: bool) -> np.ndarray:
+    """`_assemble` with the resizing to the image's size (and the argmax) on the device: the same numbers
+    (same weights, same operations), without the host's slow gathers over (H, W, num_labels) arrays."""
+    import jax
+
+    programs = _device_programs()
+    h0, w0 = out_size
+    single = len(augs) == 1
+    total = None
+    for aug in augs:
+        h, w = aug.size
+        if len(aug.windows) == 1:
+            logits = aug.logits[0]                            # (tile h, tile w, K): rows/cols crop it
+        else:                                                 # sliding windows: averaged on the host
+            logits = jax.device_put(_average_windows(aug, [np.asarray(t) for t in aug.logits]))
+        rows, cols = _padded_axis(h, h0), _padded_axis(w, w0, flip=aug.flip)
+        if single:
+            out = programs["labels" if labels else "logits"](logits, rows, cols)
+            return np.asarray(out)[:h0, :w0]
+        probs = programs["probs"](logits, rows, cols)
+        total = probs if total is None else total + probs
+    mean = total / len(augs)
+    return np.asarray(programs["argmax"](mean) if labels else mean)[:h0, :w0]
+
+
 def segment_batch(forward: Callable[[np.ndarray], np.ndarray], images: Sequence[np.ndarray],
-                  cfg: InferenceConfig = InferenceConfig()) -> list[np.ndarray]:
+                  cfg: InferenceConfig = InferenceConfig(), *, labels: bool = False) -> list[np.ndarray]:
     """Segment RGB images (each (H, W, 3), uint8 or float 0..255, any size). Tiles of equal shape from
     all images and augmentations go through `forward` together. Returns per image (H, W, num_labels):
-    logits (one augmentation) or mean softmax probabilities (TTA)."""
+    logits (one augmentation) or mean softmax probabilities (TTA); with labels=True the (H, W) int32
+    argmax of those instead. With a `TiledForward` the logits stay on its device and are resized
+    (and reduced to labels) there; another callable gets the numpy path."""
     plans = []
     for image in images:
         image = np.asarray(image)
@@ -289,15 +368,21 @@ def segment_batch(forward: Callable[[np.ndarray], np.ndarray], images: Sequence[
         for aug in augs:
             for k, tile in enumerate(aug.tiles):
                 groups.setdefault(tile.shape, []).append((aug, k))
+    on_device = isinstance(forward, TiledForward)
     for shape in sorted(groups):
         members = groups[shape]
-        logits = forward(np.stack([aug.tiles[k] for aug, k in members]))
+        stacked = np.stack([aug.tiles[k] for aug, k in members])
+        logits = forward.on_device(stacked) if on_device else forward(stacked)
         for (aug, k), out in zip(members, logits):
             aug.logits[k] = out
     for augs in plans:
         for aug in augs:
             aug.tiles = []                    # free the inputs
-    return [_assemble(augs, np.asarray(image).shape[:2]) for augs, image in zip(plans, images)]
+    sizes = [np.asarray(image).shape[:2] for image in images]
+    if on_device:
+        return [_assemble_on_device(augs, size, labels) for augs, size in zip(plans, sizes)]
+    results = [_assemble(augs, size) for augs, size in zip(plans, sizes)]
+    return [np.argmax(r, axis=-1).astype(np.int32) for r in results] if labels else results
 
 
 def segment(forward: Callable[[np.ndarray], np.ndarray], image: np.ndarray,

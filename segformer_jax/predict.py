@@ -249,14 +249,14 @@ def predict(inputs, model, out_dir, *, variables=None, apply_fn=None, forward: i
                 ok.append((f, name))
             if images:
                 try:
-                    scores = inference.segment_batch(forward, images, config)
+                    label_maps = inference.segment_batch(forward, images, config, labels=True)
                 except Exception as e:  # the network failed on this chunk: report its images, go on
                     for f, _ in ok:
                         result.failed.append((f, f"inference failed: {type(e).__name__}: {e}"))
                     logger.error("inference failed on %d image(s): %s", len(ok), e)
-                    scores = []
-                for (f, name), image, score in zip(ok, images, scores):
-                    labels = np.argmax(score, axis=-1).astype(label_dtype)
+                    label_maps = []
+                for (f, name), image, label_map in zip(ok, images, label_maps):
+                    labels = label_map.astype(label_dtype)
                     label_path = os.path.join(out_dir, f"{name}.png")
                     overlay_path = os.path.join(out_dir, f"{name}_overlay.png") if overlay else None
                     try:

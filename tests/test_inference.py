@@ -168,6 +168,25 @@ def test_agrees_with_reference(models, case):
     np.testing.assert_allclose(ours, want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_device_assembly_equals_the_numpy_one(models, case):
+    """A TiledForward keeps the logits on its device and resizes / averages / takes the argmax there; any
+    other callable gets the numpy procedure. Same numbers, same labels."""
+    _, forward = models
+    cfg, (h, w) = CASES[case]
+    images = [_image(h, w, seed=3), _image(h + 7, w - 5, seed=4)]
+    on_device = inference.segment_batch(forward, images, cfg)
+    on_host = inference.segment_batch(lambda tiles: forward(tiles), images, cfg)
+    labels = inference.segment_batch(forward, images, cfg, labels=True)
+    for dev, host, lab, image in zip(on_device, on_host, labels, images):
+        assert dev.shape == host.shape == image.shape[:2] + (TINY["num_labels"],)
+        np.testing.assert_allclose(dev, host, atol=2e-6, rtol=0)
+        assert lab.shape == image.shape[:2] and lab.dtype == np.int32
+        top2 = np.sort(host, axis=-1)[..., -2:]
+        clear = top2[..., 1] - top2[..., 0] > 1e-5          # argmax ties within rounding may go either way
+        np.testing.assert_array_equal(lab[clear], np.argmax(host, axis=-1)[clear])
+
+
 def test_batched_equals_one_by_one_and_compiles_once_per_bucket(models):
     ref, forward = models      # shared with the tests above: compilations accumulate over the module
     cfg = inference.InferenceConfig("whole", scale=None, bucket=32)
