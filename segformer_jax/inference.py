@@ -154,8 +154,9 @@ class InferenceConfig:
 class TiledForward:
     """`forward(tiles)`: float32 (N, H, W, 3) ImageNet-normalised tiles -> logits upsampled to
     (N, H, W, num_labels), computed by a jitted `apply_fn(variables, batch)` over fixed batches of
-    `batch_size` (the last batch is padded with zero tiles): one compilation per tile shape.
-    `compilations` counts them (the Python body runs once per trace)."""
+    `batch_size` (the last batch is padded with zero tiles): one compilation of the network per tile
+    shape. `compilations` counts them (the Python body runs once per trace). `on_device(tiles)` keeps
+    the network's (1/4 resolution) logits on the device for `segment_batch` to finish there."""
 
     def __init__(self, apply_fn: Callable[[Any, Any], Any], variables: Any, batch_size: int = 4,
                  compiler_options: dict | None = None):
@@ -172,10 +173,10 @@ class TiledForward:
         def run(variables, tiles):
             self.compilations += 1            # trace time only
             self.shapes.append(tuple(tiles.shape[1:3]))
-            logits = apply_fn(variables, tiles)
-            return upsample_bilinear(logits, tiles.shape[1:3])
+            return apply_fn(variables, tiles)
 
         self._jitted = jax.jit(run)
+        self._upsample = jax.jit(upsample_bilinear, static_argnums=1)
         self._compiled: dict[tuple[int, ...], Any] = {}
         # e.g. {"xla_backend_optimization_level": 0}: ~2x faster compilation on CPU, slower runs.
         self.compiler_options = compiler_options
@@ -192,7 +193,7 @@ class TiledForward:
         return compiled(variables, chunk)
 
     def _batches(self, tiles: np.ndarray):
-        """(logits of a full batch on the device, how many of its tiles are real), batch by batch."""
+        """(network logits of a full batch on the device, how many of its tiles are real), batch by batch."""
         tiles = np.asarray(tiles, np.float32)
         n, b = len(tiles), self.batch_size
         for start in range(0, n, b):
@@ -202,11 +203,13 @@ class TiledForward:
             yield self._run(self.variables, chunk), min(b, n - start)
 
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
-        outs = [np.asarray(out)[:real] for out, real in self._batches(tiles)]
+        size = tuple(np.shape(tiles)[1:3])
+        outs = [np.asarray(self._upsample(out, size))[:real] for out, real in self._batches(tiles)]
         return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
 
     def on_device(self, tiles: np.ndarray) -> list:
-        """The same logits left on the device: one (H, W, num_labels) jax.Array per tile."""
+        """The network's logits, not upsampled, left on the device: one (H/4, W/4, num_labels) jax.Array
+        per tile."""
         return [out[i] for out, real in self._batches(tiles) for i in range(real)]
 
 
@@ -217,7 +220,8 @@ class _Aug:
     flip: bool
     windows: list[tuple[int, int, int, int]]
     tiles: list[np.ndarray]        # padded, normalised
-    logits: list[np.ndarray | None]
+    logits: list[Any]              # per tile: upsampled numpy logits, or the network's on the device
+    tile_sizes: list[tuple[int, int]] = dataclasses.field(default_factory=list)   # padded (h, w)
 
 
 MIN_TILE = 32   # the network needs >= 32 pixels a side (stage 4 is 1/32 with a spatial reduction of 1)
@@ -253,7 +257,7 @@ def _plan(image: np.ndarray, cfg: InferenceConfig) -> list[_Aug]:
             tile = np.zeros((th, tw, 3), np.float32)
             tile[:y2 - y1, :x2 - x1] = x[y1:y2, x1:x2]
             tiles.append(tile)
-        augs.append(_Aug(size, flip, windows, tiles, [None] * len(windows)))
+        augs.append(_Aug(size, flip, windows, tiles, [None] * len(windows), [t.shape[:2] for t in tiles]))
     return augs
 
 
@@ -295,17 +299,25 @@ def _resample_rows_cols(x, rows, cols):
     return x[:, j0] * c[None, :, None] + x[:, j1] * d[None, :, None]
 
 
+def _tile_then_image(x, tile_axes, image_axes):
+    """Network logits -> upsampled to the tile (mmseg: to the padded input) -> cropped and resized to the
+    image by `image_axes` (whose indices stay inside the tile's valid area)."""
+    return _resample_rows_cols(_resample_rows_cols(x, *tile_axes), *image_axes)
+
+
 def _device_programs():
-    """Jitted (logits, rows, cols) -> resized logits / softmax probabilities / labels; compiled per shape."""
+    """Jitted programs of the device assembly, compiled per shape (tile, padded output size)."""
     global _DEVICE_PROGRAMS
     if _DEVICE_PROGRAMS is None:
         import jax
         import jax.numpy as jnp
         _DEVICE_PROGRAMS = {
-            "logits": jax.jit(_resample_rows_cols),
-            "probs": jax.jit(lambda x, rows, cols: jax.nn.softmax(_resample_rows_cols(x, rows, cols), axis=-1)),
-            "labels": jax.jit(lambda x, rows, cols: jnp.argmax(_resample_rows_cols(x, rows, cols), axis=-1)
-                              .astype(jnp.int32)),
+            "tile": jax.jit(_resample_rows_cols),
+            "logits": jax.jit(_tile_then_image),
+            "probs": jax.jit(lambda x, tile_axes, image_axes:
+                             jax.nn.softmax(_tile_then_image(x, tile_axes, image_axes), axis=-1)),
+            "labels": jax.jit(lambda x, tile_axes, image_axes:
+                              jnp.argmax(_tile_then_image(x, tile_axes, image_axes), axis=-1).astype(jnp.int32)),
             "argmax": jax.jit(lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32)),
         }
     return _DEVICE_PROGRAMS
@@ -325,6 +337,11 @@ def _padded_axis(n_in: int, n_out: int, flip: bool = False):
             np.pad(a, (0, pad)), np.pad(b, (0, pad)))
 
 
+def _tile_axes(logits, tile_size):
+    """Axis vectors upsampling network logits to their tile's size (mmseg `resize` to the input)."""
+    return tuple(_axis_weights(n_in, n_out) for n_in, n_out in zip(logits.shape[:2], tile_size))
+
+
 def _assemble_on_device(augs: list[_Aug], out_size: tuple[int, int], labels: bool) -> np.ndarray:
     """`_assemble` with the resizing to the image's size (and the argmax) on the device: the same numbers
     (same weights, same operations), without the host's slow gathers over (H, W, num_labels) arrays."""
@@ -337,14 +354,18 @@ def _assemble_on_device(augs: list[_Aug], out_size: tuple[int, int], labels: boo
     for aug in augs:
         h, w = aug.size
         if len(aug.windows) == 1:
-            logits = aug.logits[0]                            # (tile h, tile w, K): rows/cols crop it
+            logits = aug.logits[0]                            # network logits of the tile
+            tile_axes = _tile_axes(logits, aug.tile_sizes[0])
         else:                                                 # sliding windows: averaged on the host
-            logits = jax.device_put(_average_windows(aug, [np.asarray(t) for t in aug.logits]))
-        rows, cols = _padded_axis(h, h0), _padded_axis(w, w0, flip=aug.flip)
+            windows = [np.asarray(programs["tile"](t, *_tile_axes(t, size)))
+                       for t, size in zip(aug.logits, aug.tile_sizes)]
+            logits = jax.device_put(_average_windows(aug, windows))
+            tile_axes = (_axis_weights(h, h), _axis_weights(w, w))   # already at the image's resized size
+        image_axes = (_padded_axis(h, h0), _padded_axis(w, w0, flip=aug.flip))
         if single:
-            out = programs["labels" if labels else "logits"](logits, rows, cols)
+            out = programs["labels" if labels else "logits"](logits, tile_axes, image_axes)
             return np.asarray(out)[:h0, :w0]
-        probs = programs["probs"](logits, rows, cols)
+        probs = programs["probs"](logits, tile_axes, image_axes)
         total = probs if total is None else total + probs
     mean = total / len(augs)
     return np.asarray(programs["argmax"](mean) if labels else mean)[:h0, :w0]
