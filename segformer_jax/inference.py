@@ -19,8 +19,13 @@ Pipeline for one image of H0 x W0 pixels (0..255 RGB) and one augmentation (rati
 With one augmentation the result is those logits; with several (TTA), the mean of their softmax
 probabilities (mmseg `aug_test`). The label map is the argmax over the last axis.
 
-Everything but the network runs in numpy; the network runs in `TiledForward`, a jitted function of
-a fixed batch of tiles: it compiles once per tile shape (and counts its compilations).
+The network runs in `TiledForward`, a jitted function of a fixed batch of tiles: it compiles once per
+tile shape (and counts its compilations). Planning (resizing, normalising, padding the image) runs in
+numpy. With a `TiledForward` the rest stays on its device: upsampling to the tile, cropping, resizing
+to the image (steps 2-4 as index/weight vectors of `_axis_weights`, torch's formula), the TTA mean and
+the argmax are one small program per (tile shape, output size rounded up to 32), and only the result
+comes back; with any other callable `forward` the same steps run in numpy (`resize_bilinear`).
+Sliding-window averaging is done on the host either way.
 """
 
 from __future__ import annotations
