@@ -1,5 +1,6 @@
 """ADE20K (TFDS scene_parse150, 150 classes), the paper's recipe: 512x512 crops (640 for b5), 160k
-iterations, batch 16, AdamW 6e-5, poly, reduce-zero-label, whole-image eval at short side 512.
+iterations, batch 16, AdamW 6e-5, poly, reduce-zero-label, whole-image eval at short side 512 with sizes
+rounded up to multiples of 32 (NVlabs AlignedResize, `data.eval_size_divisor`).
 
     python train.py --config configs/ade20k.py:b2 --workdir runs/ade20k_b2 \
         --config.model.init_from=path/to/mit-b2     # ImageNet encoder, as in the paper
