@@ -162,6 +162,7 @@ def inference_config(config, *, ratios=(1.0,), flip: bool = False):
     resize to `data.eval_scale` (None: original size) rounded up to `data.eval_size_divisor`, `eval.mode`,
     and for 'slide' its crop and stride. Tiles are padded to multiples of 32 (one compilation per
     padded size); with a divisor of 32 (ADE20K) nothing is padded, as in NVlabs' test pipeline."""
+    from segformer_jax.data import input_pipeline
     from segformer_jax.inference import InferenceConfig
 
     mode = config.eval.mode
@@ -174,7 +175,7 @@ def inference_config(config, *, ratios=(1.0,), flip: bool = False):
     try:
         return InferenceConfig(mode=mode, scale=tuple(scale) if scale else None,
                                ratios=tuple(float(r) for r in ratios), flip=bool(flip),
-                               size_divisor=int(config.data.get("eval_size_divisor") or 0) or None, **kwargs)
+                               size_divisor=input_pipeline.eval_size_divisor(config.data), **kwargs)
     except ValueError as err:
         raise EvaluationError(f"eval settings: {err}") from None
 
@@ -241,8 +242,9 @@ def _sum_over_processes(matrix):
 
 
 def label_confusion(label, prediction, num_classes: int, ignore_index: int = 255):
-    """(K, K) int64 counts of one label map against a prediction of the same shape (numpy; rows =
-    ground truth). Pixels labelled ignore_index or outside [0, K) are not counted."""
+    """(K, K) int64 counts of one label map against a prediction of the same shape, rows = ground truth;
+    pixels labelled ignore_index or outside [0, K) are not counted. The numpy twin of
+    `metrics.confusion_matrix`, for label maps of every size (a jitted one would compile per size)."""
     import numpy as np
 
     label = np.asarray(label).astype(np.int64).reshape(-1)

@@ -408,6 +408,12 @@ def train_transform(image, label, key, cfg):
   return {"image": image, "label": tf.cast(label, tf.int32)}
 
 
+def eval_size_divisor(cfg) -> int | None:
+  """The eval size divisor of a data config (NVlabs AlignedResize), None when off (0 or 1)."""
+  divisor = int(_get(cfg, "eval_size_divisor") or 0)
+  return divisor if divisor > 1 else None
+
+
 def eval_transform(image, label, cfg):
   """Eval geometry (module doc). Returns image/label/image_size (not batched)."""
   h, w = tf.shape(image)[0], tf.shape(image)[1]
@@ -424,8 +430,8 @@ def eval_transform(image, label, cfg):
     f = tf.minimum(1.0, tf.minimum(ph / tf.cast(nh, tf.float32), pw / tf.cast(nw, tf.float32)))
     nh = tf.where(f < 1.0, tf.minimum(tf.cast(tf.floor(tf.cast(nh, tf.float32) * f + 0.5), tf.int32), ph), nh)
     nw = tf.where(f < 1.0, tf.minimum(tf.cast(tf.floor(tf.cast(nw, tf.float32) * f + 0.5), tf.int32), pw), nw)
-  divisor = int(_get(cfg, "eval_size_divisor") or 0)
-  if divisor > 1:   # NVlabs AlignedResize; fits the pad shape, a multiple of the divisor (checked)
+  divisor = eval_size_divisor(cfg)
+  if divisor:   # NVlabs AlignedResize; fits the pad shape, a multiple of the divisor (checked)
     nh = (nh + divisor - 1) // divisor * divisor
     nw = (nw + divisor - 1) // divisor * divisor
   image, label = _resize_pair(image, label, nh, nw)
@@ -546,8 +552,8 @@ def make_eval_dataset(data_config, batch_size: int, *, process_index: int = 0,
   if not pad and batch_size != 1:
     raise ValueError("eval_pad_size=None gives examples of different shapes: use "
                      "batch_size=1 or set eval_pad_size=(h, w).")
-  divisor = int(_get(data_config, "eval_size_divisor") or 0)
-  if pad and divisor > 1 and any(int(x) % divisor for x in pad):
+  divisor = eval_size_divisor(data_config)
+  if pad and divisor and any(int(x) % divisor for x in pad):
     raise ValueError(f"eval_pad_size={tuple(pad)} is not a multiple of eval_size_divisor={divisor}: "
                      "the aligned eval size would not fit; make both sides multiples of it.")
   src = get_source(data_config)
