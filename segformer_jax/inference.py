@@ -99,11 +99,17 @@ def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     squeeze = x.ndim == 2
     if squeeze:
         x = x[..., None]
-    i0, i1, a, b = _axis_weights(h_in, h)
-    x = x[i0] * a[:, None, None] + x[i1] * b[:, None, None]
-    j0, j1, c, d = _axis_weights(w_in, w)
-    x = x[:, j0] * c[None, :, None] + x[:, j1] * d[None, :, None]
+    x = _resample_rows_cols(x, _axis_weights(h_in, h), _axis_weights(w_in, w))
     return x[..., 0] if squeeze else x
+
+
+def _resample_rows_cols(x, rows, cols):
+    """Separable 2-tap bilinear resampling of (H, W, C) by `_axis_weights` vectors; numpy or jax arrays
+    (the device assembly runs it jitted)."""
+    i0, i1, a, b = rows
+    x = x[i0] * a[:, None, None] + x[i1] * b[:, None, None]
+    j0, j1, c, d = cols
+    return x[:, j0] * c[None, :, None] + x[:, j1] * d[None, :, None]
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -294,14 +300,6 @@ def _assemble(augs: list[_Aug], out_size: tuple[int, int]) -> np.ndarray:
 
 
 OUTPUT_BUCKET = 32   # device-side resizing pads output sizes to multiples of this: fewer compilations
-
-
-def _resample_rows_cols(x, rows, cols):
-    """Separable 2-tap bilinear resampling by index/weight vectors (`_axis_weights`), as `resize_bilinear`."""
-    i0, i1, a, b = rows
-    x = x[i0] * a[:, None, None] + x[i1] * b[:, None, None]
-    j0, j1, c, d = cols
-    return x[:, j0] * c[None, :, None] + x[:, j1] * d[None, :, None]
 
 
 def _tile_then_image(x, tile_axes, image_axes):
