@@ -170,13 +170,27 @@ def depthwise_conv3x3(x, kernel, bias):
     Same function as `lax.conv_general_dilated(..., feature_group_count=C)` (+ bias), written as 9
     shifted multiply-adds: XLA:CPU runs grouped convolutions at under 1 GFLOP/s, while this form is
     elementwise and vectorises over channels. The VJP is hand-written: dx is the same 9-tap form with
-    the kernel flipped, dkernel 9 fused reductions, so autodiff's 9 padded gradient buffers (one per
-    slice) never exist."""
+    the kernel flipped, dkernel and dbias one fused 10-output reduction, so autodiff's 9 padded
+    gradient buffers (one per slice) never exist."""
     return _dw3x3_forward(x, kernel, bias)
 
 
 def _dw3x3_fwd(x, kernel, bias):
     return _dw3x3_forward(x, kernel, bias), (x, kernel, bias)
+
+
+def _channel_sums(*arrays):
+    """Per-channel sums of NHWC arrays in float32, computed in one pass over all of them.
+
+    One variadic reduction over batch and width (per row), then a small one over the rows. With a
+    separate `jnp.sum` per array, XLA:CPU hands each reduction to YNNPACK, which cannot fuse the
+    shifted slices feeding it, so every shifted copy was first written out in full (8 activation-
+    sized buffers per depthwise-conv backward) and each sum compiled as its own kernel; and a
+    reduction straight to (C,) runs on one thread. Keeping the rows gives XLA a parallel output."""
+    arrays = tuple(a.astype(jnp.float32) for a in arrays)
+    zeros = tuple(jnp.zeros((), jnp.float32) for _ in arrays)
+    per_row = jax.lax.reduce(arrays, zeros, lambda a, b: tuple(x + y for x, y in zip(a, b)), (0, 2))
+    return list(jnp.sum(jnp.stack(per_row), axis=1))
 
 
 def _dw3x3_bwd(res, g):
@@ -191,12 +205,17 @@ def _dw3x3_bwd(res, g):
             dx = term if dx is None else dx + term
     # dkernel[i, j] = sum(x * g shifted by (1 - i, 1 - j)): the shifted copies are of g, made here,
     # not of x, whose padded slices XLA would otherwise share with the forward pass and keep alive
-    # from the forward to the backward pass (8 activation-sized buffers per block).
-    taps = [jnp.sum(x * gp[:, 2 - i:2 - i + h, 2 - j:2 - j + w, :], axis=(0, 1, 2), dtype=jnp.float32)
-            for i in range(3) for j in range(3)]
+    # from the forward to the backward pass (8 activation-sized buffers per block). The 8 shifted taps
+    # are one reduction over gp; the centre tap and dbias, which read g itself, are plain sums, so g
+    # is written once instead of XLA recomputing its producer (the GELU backward and the forward
+    # conv it needs) inside the reduction.
+    shifted = [(i, j) for i in range(3) for j in range(3) if (i, j) != (1, 1)]
+    sums = dict(zip(shifted, _channel_sums(*[x * gp[:, 2 - i:2 - i + h, 2 - j:2 - j + w, :] for i, j in shifted])))
+    sums[1, 1] = jnp.sum(x * g, axis=(0, 1, 2), dtype=jnp.float32)
+    dbias = jnp.sum(g, axis=(0, 1, 2), dtype=jnp.float32)
+    taps = [sums[i, j] for i in range(3) for j in range(3)]
     dkernel = jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
-    dbias = jnp.sum(g, axis=(0, 1, 2), dtype=jnp.float32).astype(bias.dtype)
-    return dx, dkernel, dbias
+    return dx, dkernel, dbias.astype(bias.dtype)
 
 
 depthwise_conv3x3.defvjp(_dw3x3_fwd, _dw3x3_bwd)
