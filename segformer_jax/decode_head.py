@@ -58,6 +58,14 @@ class BatchNorm(nn.Module):
         return y.astype(self.dtype)
 
 
+def _pixels_matmul(x, kernel):
+    """x (..., C_in) @ kernel (C_in, C_out) as one 2D matmul over all pixels. Written on the 4D array,
+    the kernel gradient's contraction runs over three axes, and XLA:CPU then wrote the incoming
+    gradient out transposed, (C_out, pixels), before the matmul: at b0 512x512 batch 2 that copy
+    (32768 x 256 floats, in the BatchNorm backward) took 80-107 ms of a ~2.2 s training step."""
+    return (x.reshape(-1, x.shape[-1]) @ kernel).reshape(*x.shape[:-1], kernel.shape[-1])
+
+
 class Conv1x1(nn.Module):
     """torch `Conv2d(kernel_size=1)`: parameters of `nn.Conv((1, 1))` (kernel (1, 1, in, out)),
     computed as a matmul over channels. XLA:CPU differentiates a 1x1 conv into a convolution with a
@@ -73,7 +81,7 @@ class Conv1x1(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = jnp.dot(x, kernel[0, 0])
+        y = _pixels_matmul(x, kernel[0, 0])
         return y if bias is None else y + bias
 
 
@@ -150,7 +158,7 @@ class DecodeHead(nn.Module):
             kernel = proj["kernel"] @ block                           # (C_i, d): projection folded into fuse
             bias = proj["bias"] @ block
             f, kernel, bias = nn.dtypes.promote_dtype(f, kernel, bias, dtype=self.dtype)
-            y = f @ kernel + bias
+            y = _pixels_matmul(f, kernel) + bias
             y = upsample_bilinear(y, size) if period is None else kernels.upsample_to_column_phases(y, size, period)
             out = y if out is None else out + y
         return out
