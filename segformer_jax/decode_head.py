@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from segformer_jax import kernels
 from segformer_jax.config import SegformerConfig
-from segformer_jax.layers import conv_init, dense_init
+from segformer_jax.layers import Dense, conv_init, dense_init
 
 Dtype = Any
 
@@ -94,7 +94,7 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return nn.Dense(self.features, dtype=self.dtype, kernel_init=dense_init(self.initializer_range),
+        return Dense(self.features, dtype=self.dtype, kernel_init=dense_init(self.initializer_range),
                         name="proj")(x)
 
 

@@ -25,6 +25,18 @@ def dense_init(std: float):
     return nn.initializers.truncated_normal(stddev=std, lower=-2.0 / std, upper=2.0 / std)
 
 
+class Dense(nn.Dense):
+    """`nn.Dense` (same parameters, same function) applied as one 2D matmul over all leading axes.
+    On (B, N, C) tokens the kernel gradient contracts over two axes, and XLA:CPU then wrote the
+    incoming gradient out transposed, (C_out, B*N), before the matmul (one extra pass over every
+    residual branch's gradient in the training step)."""
+
+    @nn.compact
+    def __call__(self, inputs):
+        y = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
+        return y.reshape(*inputs.shape[:-1], self.features)
+
+
 def conv_init(kernel_size: int, out_channels: int, groups: int = 1):
     fan_out = kernel_size * kernel_size * out_channels // groups
     return nn.initializers.normal(stddev=math.sqrt(2.0 / fan_out))
@@ -84,7 +96,7 @@ class EfficientSelfAttention(nn.Module):
     def __call__(self, x, *, train: bool = False):
         b, h, w, c = x.shape
         head_dim = c // self.num_heads
-        dense = lambda name: nn.Dense(c, dtype=self.dtype, kernel_init=dense_init(self.initializer_range), name=name)
+        dense = lambda name: Dense(c, dtype=self.dtype, kernel_init=dense_init(self.initializer_range), name=name)
 
         q = dense("query")(x).reshape(b, h * w, self.num_heads, head_dim)
         if self.sr_ratio > 1:
@@ -113,7 +125,7 @@ class SelfOutput(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
-        x = nn.Dense(self.hidden_size, dtype=self.dtype, kernel_init=dense_init(self.initializer_range),
+        x = Dense(self.hidden_size, dtype=self.dtype, kernel_init=dense_init(self.initializer_range),
                      name="dense")(x)
         return nn.Dropout(self.hidden_dropout, deterministic=not train)(x)
 
@@ -180,10 +192,10 @@ class MixFFN(nn.Module):
     def __call__(self, x, *, train: bool = False):
         hidden = self.hidden_size * self.mlp_ratio
         drop = nn.Dropout(self.hidden_dropout, deterministic=not train)
-        x = nn.Dense(hidden, dtype=self.dtype, kernel_init=dense_init(self.initializer_range), name="dense1")(x)
+        x = Dense(hidden, dtype=self.dtype, kernel_init=dense_init(self.initializer_range), name="dense1")(x)
         half = DWConv(hidden, self.depthwise_conv_impl, self.dtype, name="dwconv")(x, output_scale=0.5)
         x = drop(gelu_of_half(half))
-        x = nn.Dense(self.hidden_size, dtype=self.dtype, kernel_init=dense_init(self.initializer_range),
+        x = Dense(self.hidden_size, dtype=self.dtype, kernel_init=dense_init(self.initializer_range),
                      name="dense2")(x)
         return drop(x)
 
