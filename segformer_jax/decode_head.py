@@ -95,7 +95,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         return Dense(self.features, dtype=self.dtype, kernel_init=dense_init(self.initializer_range),
-                        name="proj")(x)
+                     name="proj")(x)
 
 
 def resolve_decode_head_impl(impl: str, train: bool = False) -> str:

@@ -170,8 +170,8 @@ def depthwise_conv3x3(x, kernel, bias):
     Same function as `lax.conv_general_dilated(..., feature_group_count=C)` (+ bias), written as 9
     shifted multiply-adds: XLA:CPU runs grouped convolutions at under 1 GFLOP/s, while this form is
     elementwise and vectorises over channels. The VJP is hand-written: dx is the same 9-tap form with
-    the kernel flipped, dkernel and dbias one fused 10-output reduction, so autodiff's 9 padded
-    gradient buffers (one per slice) never exist."""
+    the kernel flipped, dkernel's 8 shifted taps one fused reduction (`_channel_sums`), so autodiff's
+    9 padded gradient buffers (one per slice) never exist."""
     return _dw3x3_forward(x, kernel, bias)
 
 

@@ -126,7 +126,7 @@ class SelfOutput(nn.Module):
     @nn.compact
     def __call__(self, x, *, train: bool = False):
         x = Dense(self.hidden_size, dtype=self.dtype, kernel_init=dense_init(self.initializer_range),
-                     name="dense")(x)
+                  name="dense")(x)
         return nn.Dropout(self.hidden_dropout, deterministic=not train)(x)
 
 
@@ -196,7 +196,7 @@ class MixFFN(nn.Module):
         half = DWConv(hidden, self.depthwise_conv_impl, self.dtype, name="dwconv")(x, output_scale=0.5)
         x = drop(gelu_of_half(half))
         x = Dense(self.hidden_size, dtype=self.dtype, kernel_init=dense_init(self.initializer_range),
-                     name="dense2")(x)
+                  name="dense2")(x)
         return drop(x)
 
 
