@@ -75,6 +75,38 @@ def layer_norm_reference(x, scale, bias, eps: float):
 # ----------------------------------------------------------------------------- attention
 
 
+# Rational approximation of erf on [-4, 4] in float32: XLA's own (CHLO's `erf` decomposition), odd
+# numerator over even denominator, in powers of z^2 (highest first).
+_ERF_NUMERATOR = (-2.72614237e-10, 2.77068146e-08, -2.10102394e-06, -5.69250624e-05, -7.34990637e-04,
+                  -2.95460000e-03, -1.60960332e-02)
+_ERF_DENOMINATOR = (-1.45660715e-05, -2.13374049e-04, -1.68282702e-03, -7.37332925e-03, -1.42647391e-02)
+
+
+@jax.custom_jvp
+def erf_f32(z):
+    """erf of a float32 array as plain multiply-adds and a divide: the same formula XLA uses for f32
+    `erf`, written out because jax lowers `lax.erf` to a StableHLO composite that TF's deserialiser
+    (SavedModel / TFLite export) rejects. Its clamps change no value (erf is +-1 in float32 beyond
+    |z| = 3.9) but, ops XLA:CPU cannot hand to YNNPACK, they keep a GELU in the loop kernel of the
+    op that produces its input instead of being pulled into the next matmul's YNNPACK fusion."""
+    z = jax.lax.clamp(jnp.float32(-4.0), z, jnp.float32(4.0))
+    z2 = z * z
+    num = jnp.float32(_ERF_NUMERATOR[0])
+    for c in _ERF_NUMERATOR[1:]:
+        num = num * z2 + jnp.float32(c)
+    den = jnp.float32(_ERF_DENOMINATOR[0])
+    for c in _ERF_DENOMINATOR[1:]:
+        den = den * z2 + jnp.float32(c)
+    return jax.lax.clamp(jnp.float32(-1.0), z * num / den, jnp.float32(1.0))
+
+
+@erf_f32.defjvp
+def _erf_f32_jvp(primals, tangents):
+    # erf' = 2/sqrt(pi) exp(-z^2), as lax.erf's: not the derivative of the clamped rational function
+    (z,), (dz,) = primals, tangents
+    return erf_f32(z), jnp.float32(2.0 / np.sqrt(np.pi)) * jnp.exp(-z * z) * dz
+
+
 def _over_sqrt_head_dim(x):
     # 1/sqrt(d) is applied to (M, d) key-side arrays, never to the (N, M) scores: XLA:CPU's YNNPACK dot
     # fusions take in a scaling multiply and then need its scalar broadcast to (N, M) as a real buffer.

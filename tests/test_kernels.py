@@ -316,14 +316,37 @@ def test_attention_dropout_path_is_unbiased_and_random():
     np.testing.assert_allclose(outs.mean(0), expected, atol=0.02)   # E[dropout(p)] = p
 
 
-def test_gelu_of_half_is_flax_gelu_bit_for_bit_and_torch_gelu():
+def test_erf_f32_is_erf_within_float32_rounding_and_lowers_to_plain_ops():
+    import math
+    from segformer_jax.kernels import erf_f32
+
+    z = np.concatenate([np.linspace(-6, 6, 200_001, dtype=np.float32), np.float32([0.0, 3.9, -3.9, 1e30, -1e30])])
+    ours = np.asarray(jax.jit(erf_f32)(jnp.asarray(z)), np.float64)
+    exact = np.array([math.erf(float(v)) for v in z])
+    assert np.abs(ours - exact).max() < 4e-7
+    assert np.isnan(np.asarray(erf_f32(jnp.float32(np.nan))))
+    grad = jax.jit(jax.vmap(jax.grad(erf_f32)))(jnp.asarray(z[::1000]))
+    np.testing.assert_allclose(grad, 2 / np.sqrt(np.pi) * np.exp(-np.float64(z[::1000]) ** 2), rtol=2e-6, atol=1e-30)
+    # no composite op: TF's StableHLO deserialiser (SavedModel / TFLite export) rejects lax.erf's
+    assert "composite" not in jax.jit(erf_f32).lower(jnp.asarray(z)).as_text()
+
+
+def test_gelu_of_half_is_the_exact_gelu_within_float32_rounding():
     from segformer_jax.layers import gelu_of_half
 
     x = _rand(np.random.default_rng(9), (4096,)) * 4
-    x = jnp.concatenate([x, jnp.asarray([0.0, -0.0, 1e-30, -1e-30, 30.0, -30.0], jnp.float32)])
-    ours = jax.jit(lambda x: gelu_of_half(x * 0.5))(x)
-    np.testing.assert_array_equal(ours, jax.jit(lambda x: nn.gelu(x, approximate=False))(x))
-    np.testing.assert_allclose(ours, F.gelu(torch.tensor(np.asarray(x))).numpy(), atol=1e-6, rtol=1e-6)
+    x = jnp.concatenate([x, jnp.asarray([0.0, -0.0, 1e-30, -1e-30, 5.0, -5.0, 30.0, -30.0], jnp.float32)])
+    ours = np.asarray(jax.jit(lambda x: gelu_of_half(x * 0.5))(x))
+    exact = F.gelu(torch.tensor(np.asarray(x), dtype=torch.float64)).numpy()
+    torch32 = F.gelu(torch.tensor(np.asarray(x))).numpy()
+    # as close to the float64 GELU as torch's float32 GELU is, and to torch's within twice that
+    assert np.abs(ours - exact).max() <= max(2e-6, 1.5 * np.abs(torch32 - exact).max())
+    np.testing.assert_allclose(ours, torch32, atol=3e-6, rtol=1e-6)
+    np.testing.assert_allclose(ours, jax.jit(lambda x: nn.gelu(x, approximate=False))(x), atol=3e-6, rtol=1e-6)
+    np.testing.assert_allclose(ours[-8:-4], [0.0, 0.0, 5e-31, -5e-31], rtol=1e-6, atol=0)   # no underflow
+    np.testing.assert_array_equal(ours[-2:], [30.0, 0.0])   # saturates, no NaN from the tails
+    half_bf16 = (x * 0.5).astype(jnp.bfloat16)   # same code in bfloat16 (the config's dtype option)
+    np.testing.assert_allclose(np.asarray(gelu_of_half(half_bf16), np.float32), exact, atol=0.05, rtol=0.02)
 
 
 def test_depthwise_output_scale_halves_exactly():
