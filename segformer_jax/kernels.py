@@ -72,10 +72,10 @@ def layer_norm_reference(x, scale, bias, eps: float):
     return ((x32 - mean) * rstd * scale + bias).astype(x.dtype)
 
 
-# ----------------------------------------------------------------------------- attention
+# ----------------------------------------------------------------------------- erf (GELU)
 
 
-# Rational approximation of erf on [-4, 4] in float32: XLA's own (CHLO's `erf` decomposition), odd
+# Rational approximation of erf on [-4, 4] in float32 (CHLO's `erf` decomposition): odd
 # numerator over even denominator, in powers of z^2 (highest first).
 _ERF_NUMERATOR = (-2.72614237e-10, 2.77068146e-08, -2.10102394e-06, -5.69250624e-05, -7.34990637e-04,
                   -2.95460000e-03, -1.60960332e-02)
@@ -84,7 +84,7 @@ _ERF_DENOMINATOR = (-1.45660715e-05, -2.13374049e-04, -1.68282702e-03, -7.373329
 
 @jax.custom_jvp
 def erf_f32(z):
-    """erf of a float32 array as plain multiply-adds and a divide: the same formula XLA uses for f32
+    """erf of a float32 array as plain multiply-adds and a divide: CHLO's decomposition of float32
     `erf`, written out because jax lowers `lax.erf` to a StableHLO composite that TF's deserialiser
     (SavedModel / TFLite export) rejects. Its clamps change no value (erf is +-1 in float32 beyond
     |z| = 3.9) but, ops XLA:CPU cannot hand to YNNPACK, they keep a GELU in the loop kernel of the
@@ -105,6 +105,9 @@ def _erf_f32_jvp(primals, tangents):
     # erf' = 2/sqrt(pi) exp(-z^2), as lax.erf's: not the derivative of the clamped rational function
     (z,), (dz,) = primals, tangents
     return erf_f32(z), jnp.float32(2.0 / np.sqrt(np.pi)) * jnp.exp(-z * z) * dz
+
+
+# ----------------------------------------------------------------------------- attention
 
 
 def _over_sqrt_head_dim(x):
