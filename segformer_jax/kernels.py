@@ -91,13 +91,16 @@ def erf_f32(z):
     op that produces its input instead of being pulled into the next matmul's YNNPACK fusion."""
     z = jax.lax.clamp(jnp.float32(-4.0), z, jnp.float32(4.0))
     z2 = z * z
-    num = jnp.float32(_ERF_NUMERATOR[0])
-    for c in _ERF_NUMERATOR[1:]:
-        num = num * z2 + jnp.float32(c)
-    den = jnp.float32(_ERF_DENOMINATOR[0])
-    for c in _ERF_DENOMINATOR[1:]:
-        den = den * z2 + jnp.float32(c)
+    num, den = _horner(_ERF_NUMERATOR, z2), _horner(_ERF_DENOMINATOR, z2)
     return jax.lax.clamp(jnp.float32(-1.0), z * num / den, jnp.float32(1.0))
+
+
+def _horner(coefficients, x):
+    """Polynomial in x, coefficients highest power first, in float32."""
+    out = jnp.float32(coefficients[0])
+    for c in coefficients[1:]:
+        out = out * x + jnp.float32(c)
+    return out
 
 
 @erf_f32.defjvp
