@@ -14,7 +14,7 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 import segformer_jax as sj
-from reference import TINY, build_reference, images, max_abs_diff, to_nhwc
+from reference import TINY, build_reference, hf_config, images, max_abs_diff, perturb_norms, to_nhwc
 from segformer_jax.config import ConfigError
 from weights_convert import __main__ as cli
 from weights_convert.checkpoint_io import CheckpointFileError
@@ -106,6 +106,44 @@ def test_encoder_only_checkpoint_into_segmentation_model(tmp_path, caplog):
     with torch.no_grad():
         logits = ref(torch.from_numpy(x.transpose(0, 3, 1, 2))).logits.numpy()
     assert max_abs_diff(jax.jit(cls_model.apply)(cls_vars, x), logits) < 1e-4
+
+
+def _hidden_states(encoder, x) -> list[np.ndarray]:
+    with torch.no_grad():
+        out = encoder(torch.from_numpy(x.transpose(0, 3, 1, 2)), output_hidden_states=True).hidden_states
+    return [to_nhwc(h) for h in out]
+
+
+def test_encoder_alone_loads_and_saves_in_every_format(tmp_path, hf_dir, tiny_reference):
+    torch.manual_seed(0)
+    ref = transformers.SegformerModel(hf_config(7, **TINY)).eval()
+    perturb_norms(ref)
+    ref.save_pretrained(tmp_path / "hf")
+    x = images(1, 37, 53, seed=5)
+    want = _hidden_states(ref, x)
+
+    model, variables = sj.from_pretrained(tmp_path / "hf", architecture="SegformerModel")
+    assert isinstance(model, sj.SegformerModel) and sorted(variables["params"]) == ["encoder"]
+    got = jax.jit(model.apply)(variables, x)
+    assert max(max_abs_diff(g, w) for g, w in zip(got, want, strict=True)) < 1e-5
+
+    # Back to HF: transformers' own SegformerModel names (no `segformer.` prefix), tensors bit-identical.
+    out = sj.save_pretrained(model, variables, tmp_path / "back", format="hf")
+    original, back = load_file(tmp_path / "hf" / "model.safetensors"), load_file(os.path.join(out, "model.safetensors"))
+    assert sorted(back) == sorted(original) and not any(k.startswith("segformer.") for k in back)
+    assert all(np.array_equal(original[k], back[k]) for k in original)
+    reloaded = transformers.SegformerModel.from_pretrained(out).eval()
+    assert all(max_abs_diff(a, b) == 0.0 for a, b in zip(_hidden_states(reloaded, x), want, strict=True))
+
+    # Our own format reads back exactly.
+    out = sj.save_pretrained(model, variables, tmp_path / "flax", format="flax")
+    model2, variables2 = sj.from_pretrained(out, architecture="SegformerModel")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, variables, variables2)
+
+    # The encoder of a segmentation checkpoint (its decode head is left out).
+    model3, variables3 = sj.from_pretrained(hf_dir, architecture="SegformerModel")
+    got = jax.jit(model3.apply)(variables3, x)
+    assert max(max_abs_diff(g, w) for g, w in zip(got, _hidden_states(tiny_reference.segformer, x), strict=True)) < 1e-5
 
 
 def test_new_num_labels_reinitialises_only_the_classifier(hf_dir, caplog):

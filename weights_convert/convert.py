@@ -45,6 +45,18 @@ def _fmt(items, limit: int = 40) -> str:
     return f"\n    {shown}{more}"
 
 
+_FLAX_BASE_PREFIX, _HF_BASE_PREFIX = "segformer/", "segformer."   # HF's base_model_prefix
+
+
+def _as_task_model_paths(flat: dict[tuple[str, str], Any]) -> tuple[dict[tuple[str, str], Any], str]:
+    """A standalone `SegformerModel` names its variables `encoder/...`; the key table names the encoder
+    as it sits inside the task models, `segformer/encoder/...`. -> (flat variables under the key
+    table's names, the prefix added: '' for the task models)."""
+    if flat and all(p.startswith("encoder/") for _, p in flat):
+        return {(c, _FLAX_BASE_PREFIX + p): v for (c, p), v in flat.items()}, _FLAX_BASE_PREFIX
+    return flat, ""
+
+
 def torch_state_to_flax(
     state: Mapping[str, np.ndarray],
     target_shapes: Mapping[str, Any],
@@ -72,8 +84,9 @@ def torch_state_to_flax(
     if source_format not in mapping.SOURCE_NORMALIZERS:
         raise ConversionError(f"unknown checkpoint format {source_format!r}; known: {sorted(mapping.SOURCE_NORMALIZERS)}")
     state = mapping.SOURCE_NORMALIZERS[source_format](state)
-    targets = flatten_variables(target_shapes)
-    target_names = {f"{c}/{p}": (c, p) for c, p in targets}
+    targets, prefix = _as_task_model_paths(flatten_variables(target_shapes))
+    target_names = {f"{c}/{p[len(prefix):]}": (c, p) for c, p in targets}   # the names the caller uses
+    name_of = {t: n for n, t in target_names.items()}
 
     filled: dict[tuple[str, str], np.ndarray] = {}
     unused, ignored, shape_errors, skipped_sources = [], [], [], []
@@ -84,7 +97,7 @@ def torch_state_to_flax(
         if target is None or target not in targets:
             (ignored if _matches(key, ignore_unused) else unused).append(key)
             continue
-        if _matches(f"{target[0]}/{target[1]}", skip_targets):
+        if _matches(name_of[target], skip_targets):
             skipped_sources.append(key)
             continue
         value = np.asarray(value)
@@ -92,7 +105,7 @@ def torch_state_to_flax(
         want = tuple(targets[target].shape)
         if tuple(value.shape) != mapping.expected_torch_shape(want, layout):
             shape_errors.append(f"{key}: checkpoint {tuple(value.shape)}, model expects "
-                                f"{mapping.expected_torch_shape(want, layout)} (Flax {target[0]}/{target[1]} {want})")
+                                f"{mapping.expected_torch_shape(want, layout)} (Flax {name_of[target]} {want})")
             misshaped.add(target)
             continue
         filled[target] = mapping.torch_to_flax_tensor(value, layout)
@@ -116,20 +129,23 @@ def torch_state_to_flax(
                               "num_labels=...) or reinit=[regex]; see `python -m weights_convert --help`.")
     report = {"skipped": sorted(skipped), "missing": sorted(allowed_missing),
               "unused": sorted(ignored + skipped_sources)}
-    return unflatten_variables(filled), report
+    return unflatten_variables({(c, p[len(prefix):]): v for (c, p), v in filled.items()}), report
 
 
 def flax_to_torch_state(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Flax variables -> PyTorch state dict with hub (transformers 4) key names, which transformers 4
     and 5 `from_pretrained` both read. Every Flax leaf must map to a key."""
+    flat, prefix = _as_task_model_paths(flatten_variables(variables))
     state, unknown = {}, []
-    for (collection, path), leaf in flatten_variables(variables).items():
+    for (collection, path), leaf in flat.items():
         hit = mapping.flax_path_to_hf(collection, path)
         if hit is None:
-            unknown.append(f"{collection}/{path}")
+            unknown.append(f"{collection}/{path[len(prefix):]}")
             continue
         key, layout = hit
         state[key] = mapping.flax_to_torch_tensor(np.asarray(leaf), layout)
     if unknown:
         raise ConversionError(f"{len(unknown)} Flax variable(s) have no PyTorch name:" + _fmt(unknown))
+    if prefix:   # transformers' SegformerModel writes its own tensors without the `segformer.` prefix
+        state = {k.removeprefix(_HF_BASE_PREFIX): v for k, v in state.items()}
     return state
