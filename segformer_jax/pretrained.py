@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from segformer_jax.config import ConfigError, SegformerConfig
+from segformer_jax.config import HF_LAYER_NORM_EPS, ConfigError, SegformerConfig
 from segformer_jax.model import ARCHITECTURES, architecture_name
 from segformer_jax.xla_options import init_compiler_options
 
@@ -58,6 +58,9 @@ def _read_source(path: str, config: SegformerConfig | None):
             "quantize.quantized_apply(model)) or load_quantized(path, dequantize=True) for float32 variables; "
             "`python -m segformer_jax.predict --model` takes it directly.")
     if os.path.isfile(path):
+        if os.path.basename(path) == CONFIG_NAME:
+            raise ConfigError(f"{path} is the config file; give the directory that holds it and the weights: "
+                              f"{os.path.dirname(path) or '.'}")
         if config is None:
             raise ConfigError(f"{path} is a bare weights file: pass config=SegformerConfig(...) (or a preset), "
                               "or give the directory that holds it with its config.json")
@@ -210,6 +213,13 @@ def save_pretrained(model, variables: Mapping[str, Any], out_dir: str | os.PathL
     _check_fits(model, variables)
     arch = architecture_name(model)
     host = jax.tree_util.tree_map(np.asarray, jax.device_get(variables))
+    if format == "hf" and model.config.layer_norm_eps != HF_LAYER_NORM_EPS:
+        logger.warning(
+            "%s: this model's LayerNorms use eps %g (NVlabs weights); transformers' SegFormer modules always use "
+            "%g (they ignore config.layer_norm_eps), so transformers will compute slightly different outputs from "
+            "these weights (typically 1e-5 to 1e-3 in the logits). segformer_jax.from_pretrained on this directory "
+            "reads eps %g as well; save with format='flax' to keep %g.", out_dir, model.config.layer_norm_eps,
+            HF_LAYER_NORM_EPS, HF_LAYER_NORM_EPS, model.config.layer_norm_eps)
     with atomic_directory(out_dir, overwrite=overwrite) as staging:
         if format == "hf":
             checkpoint_io.save_safetensors(flax_to_torch_state(host), os.path.join(staging, "model.safetensors"))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -244,6 +246,48 @@ def test_cli_both_directions(hf_dir, tmp_path, tiny_reference, capsys):
     assert cli.main(["to-flax", str(tmp_path / "nope"), str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_errors_name_flags_not_python_arguments(hf_dir, tmp_path, capsys):
+    bare = tmp_path / "weights.safetensors"
+    bare.write_bytes(open(os.path.join(hf_dir, "model.safetensors"), "rb").read())
+    assert cli.main(["to-flax", str(bare), str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "--preset b0..b5 or --config" in err and "SegformerConfig(" not in err
+    assert cli.main(["to-flax", hf_dir, str(tmp_path / "b"), "--preset", "b0"]) == 2   # the wrong architecture
+    err = capsys.readouterr().err
+    assert "--num-labels N or --reinit REGEX" in err and "from_pretrained(" not in err
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("user data")
+    assert cli.main(["to-flax", hf_dir, str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err
+    assert "pass --overwrite" in err and "overwrite=True" not in err
+
+
+def test_cli_output_is_not_buried_in_other_libraries_logs(hf_dir, tmp_path):
+    # A real process: under pytest the root logger already has handlers and basicConfig is a no-op.
+    run = subprocess.run([sys.executable, "-m", "weights_convert", "to-flax", hf_dir, str(tmp_path / "flax"),
+                          "--num-labels", "3"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "wrote " in run.stdout
+    assert "newly initialised" in run.stderr and "decode_head/classifier/kernel" in run.stderr   # ours stay
+    assert "[process=" not in run.stderr and len(run.stderr.splitlines()) < 10, run.stderr   # Orbax's INFO lines go
+
+
+def test_config_file_given_instead_of_its_directory(hf_dir):
+    with pytest.raises(ConfigError, match="is the config file; give the directory"):
+        sj.from_pretrained(os.path.join(hf_dir, "config.json"))
+
+
+def test_hf_export_warns_when_transformers_would_use_another_layer_norm_eps(tiny_flax, tmp_path, caplog):
+    model, variables = tiny_flax
+    with caplog.at_level(logging.WARNING, logger="segformer_jax"):
+        sj.save_pretrained(model, variables, tmp_path / "hf5", format="hf")
+    assert "eps" not in caplog.text
+    nvlabs_eps = type(model)(model.config.replace(layer_norm_eps=1e-6))
+    with caplog.at_level(logging.WARNING, logger="segformer_jax"):
+        sj.save_pretrained(nvlabs_eps, variables, tmp_path / "hf6", format="hf")
+    assert "use eps 1e-06" in caplog.text and "transformers will compute slightly different outputs" in caplog.text
 
 
 def test_config_json_round_trip_and_presets(hf_dir):

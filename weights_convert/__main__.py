@@ -51,9 +51,27 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# The library's errors name its Python arguments; on the command line the same advice is a flag.
+_PYTHON_TO_FLAGS = (
+    ("pass overwrite=True", "pass --overwrite"),
+    ("pass config=SegformerConfig(...) (or a preset)", "pass --preset b0..b5 or --config CONFIG_JSON"),
+    ("use from_pretrained(..., num_labels=...) or reinit=[regex]", "use --num-labels N or --reinit REGEX"),
+)
+
+
+def _in_cli_terms(message: str) -> str:
+    for python, flags in _PYTHON_TO_FLAGS:
+        message = message.replace(python, flags)
+    return message
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Our own loggers say what was re-initialised or left unused; other libraries' INFO lines (Orbax
+    # prints ~30 per save) would bury that.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for name in ("segformer_jax", "weights_convert"):
+        logging.getLogger(name).setLevel(logging.INFO)
     import segformer_jax
     from segformer_jax.config import NVLABS_LAYER_NORM_EPS, ConfigError, SegformerConfig
     from weights_convert.checkpoint_io import CheckpointFileError
@@ -80,7 +98,7 @@ def main(argv=None) -> int:
             model, variables = segformer_jax.from_pretrained(args.source, architecture=args.architecture)
             out = segformer_jax.save_pretrained(model, variables, args.out_dir, format="hf", overwrite=args.overwrite)
     except (ConversionError, ConfigError, CheckpointFileError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_in_cli_terms(str(e))}", file=sys.stderr)
         return 2
     n = sum(x.size for x in __import__("jax").tree_util.tree_leaves(variables["params"]))
     print(f"wrote {out} ({type(model).__name__}, {n:,} parameters)")
