@@ -1,6 +1,6 @@
 """Train SegFormer.
 
-    python train.py                                        # built-in synthetic data, b0, ~10 min on a CPU
+    python train.py                                        # built-in synthetic data, b0, 1-5 min on a CPU
     python train.py --config configs/ade20k.py:b2 --workdir runs/ade_b2 --config.batch_size=8
     python -m segformer_jax.evaluate --config configs/ade20k.py:b2 --checkpoint runs/ade_b2
 

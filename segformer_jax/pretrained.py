@@ -57,6 +57,13 @@ def _read_source(path: str, config: SegformerConfig | None):
             "float32 weights. Load it with segformer_jax.quantize.load_quantized(path) (int8, apply with "
             "quantize.quantized_apply(model)) or load_quantized(path, dequantize=True) for float32 variables; "
             "`python -m segformer_jax.predict --model` takes it directly.")
+    if os.path.isdir(os.path.join(path, "checkpoints")) and not os.path.isdir(os.path.join(path, FLAX_WEIGHTS_DIR)):
+        final = os.path.join(path, "final")
+        raise ConfigError(
+            f"{path} is a train.py workdir, not a model directory: "
+            + (f"its trained model is {final}" if os.path.isdir(final) else
+               "it has no final model yet (rerun train.py with the same --workdir to finish training)")
+            + f"; to score a checkpoint: python -m segformer_jax.evaluate --checkpoint {path} --config ...")
     if os.path.isfile(path):
         if os.path.basename(path) == CONFIG_NAME:
             raise ConfigError(f"{path} is the config file; give the directory that holds it and the weights: "

@@ -510,6 +510,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state = setup.init_state()
     if is_main:   # after the compatibility check: a refused resume leaves the workdir untouched
         _write_config(config, workdir)
+        names = ", ".join(info.class_names[:8]) + (", ..." if info.num_classes > 8 else "")
+        print(f"Data: {info.name}, {info.num_train_examples} train / {info.num_eval_examples} eval examples, "
+              f"{info.num_classes} classes ({names})", flush=True)
     start_step = int(to_host(state.step))
     train_step = setup.train_step
     eval_step = jax.jit(make_eval_step(model, config, info.num_classes, ignore_index),
@@ -593,6 +596,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             print(f"\nFinal evaluation at step {final_step} ({info.name}, {info.num_eval_examples} images):\n"
                   + metrics.format_table(results), flush=True)
             print(f"mIoU {results['mIoU']:.4f}; final model in {os.path.join(workdir, FINAL_DIR)}", flush=True)
+    elif is_main:
+        print(f"Stopped at step {final_step // accum} of {int(config.total_steps)} (max_steps_this_run); "
+              f"rerun the same command to resume from {workdir}", flush=True)
     writer.close()
     manager.close()
     return {"step": final_step, **(results or {})}

@@ -7,6 +7,7 @@ nothing is downloaded or written outside tmp_path.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 
 import numpy as np
@@ -574,6 +575,35 @@ def test_folder_image_without_mask(tmp_path):
   msg = str(e.value)
   assert "2 image(s)" in msg and "orphan.jpg" in msg and "orphan2.png" in msg
   assert str(tmp_path / "masks") in msg
+
+
+def test_folder_mask_that_is_not_png(tmp_path):
+  make_id_folder(tmp_path, n=3)
+  os.remove(tmp_path / "masks" / "im01.png")
+  PIL.Image.fromarray(np.ones((24, 32), np.uint8)).save(tmp_path / "masks" / "im01.jpg")
+  with pytest.raises(folder_lib.FolderDatasetError, match=r"1 mask\(s\) .* are not PNG: im01.jpg"):
+    ip.get_dataset_info(folder_cfg(tmp_path))
+
+
+def test_folder_class_count_inferred_from_masks_is_checked(tmp_path, caplog):
+  make_id_folder(tmp_path, n=6)                  # ids 0, 1, 2
+  os.remove(tmp_path / "class_names.txt")
+  assert ip.get_dataset_info(folder_cfg(tmp_path)).num_classes == 3
+  stray = np.zeros((24, 32), np.uint8)
+  stray[0, 0] = 4                                # one stray pixel: 5 classes, id 3 in no mask
+  save_png(str(tmp_path / "masks" / "im00.png"), stray)
+  ip.clear_source_cache()                        # sources are cached per config
+  with caplog.at_level(logging.WARNING, logger="segformer_jax"):
+    assert ip.get_dataset_info(folder_cfg(tmp_path)).num_classes == 5
+  assert "5 classes, but 1 of them occur in no mask (ids 3)" in caplog.text
+  # Masks scaled for viewing (ids x 85): 171 "classes", 168 never seen: refused.
+  for i in range(6):
+    save_png(str(tmp_path / "masks" / f"im{i:02d}.png"), np.full((24, 32), 85 * (i % 3), np.uint8))
+  ip.clear_source_cache()
+  with pytest.raises(folder_lib.FolderDatasetError, match="171 classes, but 168 of them occur in no mask"):
+    ip.get_dataset_info(folder_cfg(tmp_path))
+  cfg = folder_cfg(tmp_path, num_classes=171)    # stated explicitly: accepted as it is
+  assert ip.get_dataset_info(cfg).num_classes == 171
 
 
 def test_folder_mask_ids_out_of_range(tmp_path):

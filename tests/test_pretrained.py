@@ -274,6 +274,16 @@ def test_cli_output_is_not_buried_in_other_libraries_logs(hf_dir, tmp_path):
     assert "[process=" not in run.stderr and len(run.stderr.splitlines()) < 10, run.stderr   # Orbax's INFO lines go
 
 
+def test_training_workdir_given_instead_of_its_final_model(tmp_path, hf_dir):
+    (tmp_path / "checkpoints" / "30").mkdir(parents=True)
+    (tmp_path / "config.json").write_text('{"batch_size": 4}')       # train.py's config, not a model's
+    with pytest.raises(ConfigError, match="train.py workdir.*no final model yet"):
+        sj.from_pretrained(tmp_path)
+    (tmp_path / "final").mkdir()
+    with pytest.raises(ConfigError, match=f"train.py workdir, not a model directory: its trained model is {tmp_path}/final"):
+        sj.from_pretrained(tmp_path)
+
+
 def test_config_file_given_instead_of_its_directory(hf_dir):
     with pytest.raises(ConfigError, match="is the config file; give the directory"):
         sj.from_pretrained(os.path.join(hf_dir, "config.json"))

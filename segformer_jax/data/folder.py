@@ -21,7 +21,9 @@ Layout (either one)::
 * Class names: one per line in ``class_names.txt`` at the root (or the file given
   by ``class_names_file``); blank lines are skipped. Without a names file the number
   of classes is ``num_classes`` if given, else (max id found in the masks) + 1, and
-  the names are ``class_0, class_1, ...``.
+  the names are ``class_0, class_1, ...``; ids below the max that occur in no mask are
+  warned about (stray pixels), or refused when they are most of the classes (masks
+  scaled for viewing, e.g. 0, 85, 170).
 * Train/val split: the ``train/`` and ``val/`` (or ``validation/``) sub-folders if
   they exist; otherwise a deterministic split of ``images/``: the stems are sorted,
   permuted with ``numpy.random.default_rng(split_seed)`` and the last
@@ -29,7 +31,7 @@ Layout (either one)::
 
 Every problem is reported up front by :func:`scan_folder` with a
 :class:`FolderDatasetError` saying what is wrong, where, and what to do: missing
-folder, empty folder, images without masks (listed), masks without images, masks
+folder, empty folder, images without masks (listed), masks that are not PNG, masks without images, masks
 with ids >= num_classes other than 255 (file and ids), image/mask size mismatch,
 unreadable files.
 """
@@ -37,6 +39,7 @@ unreadable files.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Optional, Sequence
 
@@ -47,6 +50,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 MASK_EXTENSIONS = (".png",)
 IGNORE_INDEX = 255
 _MAX_LISTED = 10  # how many offending files an error message lists
+
+logger = logging.getLogger("segformer_jax")
 
 
 class FolderDatasetError(ValueError):
@@ -117,6 +122,14 @@ def _pair(images_dir: str, masks_dir: str) -> tuple[list[str], list[str], list[s
   images = _index_dir(images_dir, IMAGE_EXTENSIONS, "images")
   masks = _index_dir(masks_dir, MASK_EXTENSIONS, "masks")
   no_mask = sorted(os.path.basename(images[s]) for s in images if s not in masks)
+  other_files = {os.path.splitext(n)[0]: n for n in sorted(os.listdir(masks_dir)) if not n.startswith(".")}
+  not_png = sorted(other_files[s] for s in images if s not in masks and s in other_files)
+  if not_png:
+    raise FolderDatasetError(
+        f"{len(not_png)} mask(s) in {masks_dir!r} are not PNG: {_list(not_png)}. Masks must be "
+        "lossless PNG files of class ids (JPEG compression changes the ids at every edge); "
+        "save them as PNG with the same file stem."
+    )
   if no_mask:
     raise FolderDatasetError(
         f"{len(no_mask)} image(s) in {images_dir!r} have no mask in {masks_dir!r}: "
@@ -200,14 +213,14 @@ def _check_split(
     mask_paths: Sequence[str],
     num_classes: Optional[int],
     reduce_zero_label: bool = False,
-) -> int:
-  """Validates sizes and ids of every pair; returns the max raw id seen (excl. 255).
+) -> set[int]:
+  """Validates sizes and ids of every pair; returns the raw ids seen (excl. 255).
 
   With ``reduce_zero_label`` the raw ids are 0 (ignored) and 1..num_classes.
   """
   limit = None if num_classes is None else num_classes + int(reduce_zero_label)
   mismatched, unreadable, bad_ids = [], [], []
-  max_id = -1
+  seen: set[int] = set()
   for img_path, mask_path in zip(image_paths, mask_paths):
     try:
       with PIL.Image.open(img_path) as im:
@@ -231,7 +244,7 @@ def _check_split(
     ids = np.unique(mask)
     ids = ids[ids != IGNORE_INDEX]
     if ids.size:
-      max_id = max(max_id, int(ids.max()))
+      seen.update(int(i) for i in ids)
       if limit is not None and ids.max() >= limit:
         bad = [int(i) for i in ids if i >= limit]
         bad_ids.append(f"{mask_path}: ids {bad}")
@@ -254,7 +267,28 @@ def _check_split(
         f"; 255 = ignore): {_list(bad_ids)}. "
         "Fix the masks, map those ids to 255, or add class names / raise num_classes."
     )
-  return max_id
+  return seen
+
+
+def _check_inferred_classes(root: str, seen: set[int], num_classes: int, reduce_zero_label: bool) -> None:
+  """With no class names and no num_classes, the count is (max id + 1): ids that never occur
+  are then classes that score nan, which is either a few stray pixels or a wrong encoding."""
+  present = {i - int(reduce_zero_label) for i in seen} - {-1}
+  absent = [c for c in range(num_classes) if c not in present]
+  if not absent:
+    return
+  message = (
+      f"Dataset folder {root!r} has no class_names.txt and data.num_classes is 0, so the classes "
+      f"are inferred from the masks' largest id: {num_classes} classes, but {len(absent)} of them "
+      f"occur in no mask (ids {_list([str(c + int(reduce_zero_label)) for c in absent])}). ")
+  if len(absent) * 2 > num_classes:
+    raise FolderDatasetError(
+        message + "That looks like masks saved for viewing (ids scaled, e.g. 0, 85, 170: one of "
+        "them may even land on 255, the ignore id) rather than class ids: map the masks to ids "
+        "0..K-1 (255 = ignore). If the classes are right, state them with class_names.txt (one "
+        "name per line) or data.num_classes.")
+  logger.warning("%s", message + "Check those masks for stray ids, or state the classes with "
+                 "class_names.txt (one name per line) or data.num_classes.")
 
 
 def scan_folder(
@@ -327,13 +361,13 @@ def scan_folder(
         f"num_classes={num_classes} but the class-names file lists {len(names)} "
         "names; make them agree (or set num_classes to 0)."
     )
-  max_id = max(
-      _check_split("train", tr_img, tr_mask, n_classes, reduce_zero_label),
-      _check_split("val", va_img, va_mask, n_classes, reduce_zero_label)
-      if va_img else -1,
-  )
+  seen = _check_split("train", tr_img, tr_mask, n_classes, reduce_zero_label)
+  if va_img:
+    seen |= _check_split("val", va_img, va_mask, n_classes, reduce_zero_label)
   if names is None:
-    n_classes = n_classes or max(max_id + 1 - int(reduce_zero_label), 1)
+    if not n_classes:
+      n_classes = max(max(seen, default=-1) + 1 - int(reduce_zero_label), 1)
+      _check_inferred_classes(root, seen, n_classes, reduce_zero_label)
     names = [f"class_{i}" for i in range(n_classes)]
   return FolderDataset(
       root=root,
