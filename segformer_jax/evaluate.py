@@ -9,7 +9,10 @@
 --checkpoint is either a training workdir (its latest checkpoint, or --step N, or --best by the mIoU
 recorded at eval time) or a model directory that `from_pretrained` reads (Hugging Face, our
 `save_pretrained` output such as <workdir>/final). The data and eval settings (eval scale, mode, crop,
-stride, batch size) come from --config.
+stride, batch size) come from --config; for a training workdir --config may be left out, and the
+config it was trained with (its config.json, command-line overrides included) is used:
+
+    python -m segformer_jax.evaluate --checkpoint runs/my_folder_b1 --flip
 
 Two protocols (--protocol):
 * `original` (default): mmseg's test procedure, the one papers report. Each validation image is
@@ -33,7 +36,8 @@ from ml_collections import config_flags
 from segformer_jax.xla_options import DEFAULT_COMPILATION_CACHE, enable_compilation_cache
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file (as for train.py), e.g. configs/ade20k.py:b2; its data and eval fields are used.")
+    "config", None, "Config file (as for train.py), e.g. configs/ade20k.py:b2; its data and eval fields are used. "
+    "Default for a training workdir: the config it was trained with (<workdir>/config.json).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, its checkpoints/ dir, or a model dir.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of a workdir (default: latest).")
 _BEST = flags.DEFINE_bool("best", False, "Use the workdir checkpoint with the best recorded mIoU.")
@@ -259,8 +263,8 @@ def label_confusion(label, prediction, num_classes: int, ignore_index: int = 255
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if _CONFIG.value is None or not _CHECKPOINT.value:
-        raise app.UsageError("--config and --checkpoint are required")
+    if not _CHECKPOINT.value:
+        raise app.UsageError("--checkpoint is required (a train.py workdir or a model directory)")
     try:
         ratios = tuple(float(r) for r in _RATIOS.value)
     except ValueError:
@@ -271,12 +275,22 @@ def main(argv):
 
     from segformer_jax import metrics, training
     from segformer_jax.data.sources import DataNotFoundError
+    config = _CONFIG.value
+    if config is None:
+        ckpt_dir = _checkpoint_dir(os.path.abspath(_CHECKPOINT.value))
+        if ckpt_dir is None:
+            raise app.UsageError(f"--checkpoint={_CHECKPOINT.value} is not a train.py workdir: pass --config "
+                                 "(e.g. configs/ade20k.py:b2) for the data and eval settings")
+        try:
+            config = training.read_config(os.path.dirname(ckpt_dir))   # the workdir holding checkpoints/
+        except training.TrainingError as err:
+            raise app.UsageError(str(err)) from None
     logging.set_verbosity(logging.WARNING)
     enable_compilation_cache(_CACHE.value)
-    training.maybe_initialize_distributed(_CONFIG.value)
+    training.maybe_initialize_distributed(config)
     try:
         model, variables, source = load_model(_CHECKPOINT.value, step=_STEP.value, best=_BEST.value)
-        results = evaluate_model(_CONFIG.value, model, variables, protocol=_PROTOCOL.value, ratios=ratios,
+        results = evaluate_model(config, model, variables, protocol=_PROTOCOL.value, ratios=ratios,
                                  flip=_FLIP.value)
     except (EvaluationError, DataNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -285,7 +299,7 @@ def main(argv):
         return
     tta = f", ratios {','.join(f'{r:g}' for r in ratios)}{' + flip' if _FLIP.value else ''}" \
         if _PROTOCOL.value == "original" else ""
-    print(f"{source} on {_CONFIG.value.data.name} ({_CONFIG.value.eval.mode} inference, "
+    print(f"{source} on {config.data.name} ({config.eval.mode} inference, "
           f"scored at the {_PROTOCOL.value} size{tta}):")
     print(metrics.format_table(results))
     if _OUTPUT.value:

@@ -453,6 +453,27 @@ def _write_config(config, workdir: str) -> None:
         f.write(config.to_json_best_effort(indent=2) + "\n")
 
 
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a train.py `workdir` was trained with (its config.json, overrides included)."""
+    path = os.path.join(workdir, "config.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise TrainingError(f"cannot read the training config {path} ({e}); is {workdir} a train.py workdir? "
+                            "Otherwise pass the config file (--config configs/x.py:variant)") from None
+    if not isinstance(saved, dict) or not {"data", "eval", "model"} <= saved.keys():
+        raise TrainingError(f"{path} is not a train.py config (a model directory's config.json?); pass the "
+                            "config file (--config configs/x.py:variant)")
+
+    def tuples(x):   # JSON turned the config's tuples into lists
+        if isinstance(x, dict):
+            return {k: tuples(v) for k, v in x.items()}
+        return tuple(tuples(v) for v in x) if isinstance(x, list) else x
+
+    return ml_collections.ConfigDict(tuples(saved))
+
+
 def _eval_and_log(step, model, state, eval_iter, eval_step_fn, info, config, workdir, writer, batch_sharding,
                   data_config):
     from segformer_jax import visualize

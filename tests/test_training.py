@@ -403,6 +403,17 @@ def test_default_run_reaches_target_miou_within_ten_minutes(tmp_path):
     assert minutes <= 10, "slower than 10 minutes (is the CPU shared with other jobs?)"
 
 
+def test_read_config_gives_back_the_training_config(uninterrupted_run, tmp_path):
+    workdir, out = uninterrupted_run
+    assert "Data: synthetic_shapes" in out.stdout and "classes (background, circle" in out.stdout
+    config = training.read_config(workdir)
+    assert isinstance(config.data.crop_size, tuple) and config.total_steps == 4
+    with pytest.raises(training.TrainingError, match="not a train.py config"):
+        training.read_config(os.path.join(workdir, "final"))          # a model's config.json
+    with pytest.raises(training.TrainingError, match="cannot read the training config"):
+        training.read_config(str(tmp_path))
+
+
 def _varied_size_folder(root, class_names):
     """A folder dataset whose validation images have different sizes, none a multiple of 32."""
     from PIL import Image
@@ -434,6 +445,13 @@ def test_evaluate_reproduces_the_training_eval_and_scores_at_the_original_size(u
     assert got["protocol"] == "resized" and got["checkpoint"].endswith(os.path.join("checkpoints", "4"))
     assert {k: got[k] for k in ("mIoU", "mAcc", "aAcc", "num_pixels", "per_class")} == \
         {k: recorded[k] for k in ("mIoU", "mAcc", "aAcc", "num_pixels", "per_class")}
+    # Without --config: the config the workdir was trained with (overrides such as data_dir included).
+    out = subprocess.run(
+        [sys.executable, "-m", "segformer_jax.evaluate", f"--checkpoint={os.path.join(workdir, 'checkpoints')}",
+         "--protocol=resized", f"--output={tmp_path / 'saved_config.json'}", f"--compilation_cache={compile_cache}"],
+        capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert json.load(open(tmp_path / "saved_config.json"))["per_class"] == recorded["per_class"]
 
     # --protocol original on images of varied sizes, all resized for inference (eval scale 80): the
     # prediction is resized back and scored against the stored label, computed here image by image.
