@@ -119,6 +119,19 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------ settings
+def _pair(name: str, value) -> tuple[int, int]:
+    """(h, w) of positive ints, with a message naming the field for anything else."""
+    try:
+        if isinstance(value, (str, bytes)):   # "64" would iterate as (6, 4)
+            raise TypeError
+        pair = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r}: give two positive integers (h, w)") from None
+    if len(pair) != 2 or min(pair) < 1:
+        raise ValueError(f"{name}={value!r}: give two positive integers (h, w)")
+    return pair
+
+
 @dataclasses.dataclass(frozen=True)
 class InferenceConfig:
     """How to segment an image.
@@ -150,11 +163,17 @@ class InferenceConfig:
             raise ValueError(f"ratios={self.ratios}: give one or more positive ratios")
         if self.bucket is not None and self.bucket < 1:
             raise ValueError(f"bucket={self.bucket} must be >= 1 (or None)")
+        if self.size_divisor is not None and self.size_divisor < 1:
+            raise ValueError(f"size_divisor={self.size_divisor} must be >= 1 (or None)")
         object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
-        object.__setattr__(self, "crop", tuple(int(c) for c in self.crop))
-        object.__setattr__(self, "stride", tuple(int(s) for s in self.stride))
+        object.__setattr__(self, "crop", _pair("crop", self.crop))
+        object.__setattr__(self, "stride", _pair("stride", self.stride))
+        if self.mode == "slide" and any(s > c for s, c in zip(self.stride, self.crop)):
+            # mmseg asserts it too: windows further apart than their size leave pixels with no logits.
+            raise ValueError(f"stride={self.stride} is larger than crop={self.crop}: the windows would leave "
+                             "pixels uncovered; use a stride <= the crop (e.g. 2/3 of it)")
         if self.scale is not None:
-            object.__setattr__(self, "scale", tuple(int(s) for s in self.scale))
+            object.__setattr__(self, "scale", _pair("scale", self.scale))
 
     @property
     def augmentations(self) -> list[tuple[float, bool]]:

@@ -204,6 +204,12 @@ def predict(inputs, model, out_dir, *, variables=None, apply_fn=None, forward: i
     start = time.perf_counter()
     files = expand_inputs(inputs)
     out_dir = check_output_dir(out_dir)
+    inside = [f for f in files if os.path.dirname(os.path.realpath(f)) == os.path.realpath(out_dir)]
+    if inside:
+        raise OutputError(f"the output folder {out_dir} holds {len(inside)} of the input images "
+                          f"({', '.join(os.path.basename(f) for f in inside[:5])}{', ...' if len(inside) > 5 else ''}): "
+                          "the label maps (NAME.png) would overwrite them, and a rerun would read the outputs as "
+                          "inputs; choose another output folder")
     if isinstance(model, (str, os.PathLike)):
         model, apply_fn, variables = load_model(model)
     elif variables is None and forward is None:
@@ -332,8 +338,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     xla_options.enable_compilation_cache(args.compilation_cache)
     try:
-        ratios = tuple(float(r) for r in args.ratios.split(",") if r.strip())
-        bucket = None if args.bucket.lower() == "none" else int(args.bucket)
+        try:
+            ratios = tuple(float(r) for r in args.ratios.split(",") if r.strip())
+        except ValueError:
+            raise ValueError(f"--ratios={args.ratios}: give numbers, e.g. 0.5,0.75,1.0,1.25") from None
+        try:
+            bucket = None if args.bucket.lower() == "none" else int(args.bucket)
+        except ValueError:
+            raise ValueError(f"--bucket={args.bucket}: give a number of pixels, e.g. 32, or 'none'") from None
+        if not 0.0 <= args.alpha <= 1.0:
+            raise ValueError(f"--alpha={args.alpha}: the overlay opacity is between 0 and 1")
         config = inference.InferenceConfig(
             mode=args.mode, scale=_pair(args.scale, "--scale"), ratios=ratios, flip=args.flip,
             crop=_pair(args.crop, "--crop"), stride=_pair(args.stride, "--stride"),

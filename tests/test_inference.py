@@ -146,6 +146,19 @@ def test_slide_windows_cover_and_match_mmseg_grid():
     assert inference.slide_windows(30, 200, (48, 64), (32, 40))[0] == (0, 30, 0, 64)   # smaller than crop
 
 
+def test_settings_that_would_leave_pixels_unsegmented_are_refused():
+    with pytest.raises(ValueError, match=r"stride=\(600, 600\) is larger than crop=\(64, 64\)"):
+        inference.InferenceConfig("slide", crop=(64, 64), stride=(600, 600))
+    inference.InferenceConfig("whole", crop=(64, 64), stride=(600, 600))       # unused in whole mode
+    for bad in ((0, 64), None, (64,), "64"):
+        with pytest.raises(ValueError, match="crop=.*give two positive integers"):
+            inference.InferenceConfig("slide", crop=bad)
+    with pytest.raises(ValueError, match="scale=512.*give two positive integers"):
+        inference.InferenceConfig(scale=512)
+    with pytest.raises(ValueError, match="size_divisor=-32"):
+        inference.InferenceConfig(size_divisor=-32)
+
+
 # ------------------------------------------------------------------ procedure vs reference (1e-5)
 CASES = {
     "whole_exact_no_padding": (inference.InferenceConfig("whole", scale=None, bucket=None), (48, 72)),

@@ -137,6 +137,10 @@ def test_empty_folder_and_unwritable_output(tmp_path, loaded):
     blocker.write_text("x")
     with pytest.raises(P.OutputError, match="cannot write to output folder"):
         P.predict([str(tmp_path / "a.png")], model, blocker / "out", forward=forward, progress=False)
+    before = (tmp_path / "a.png").read_bytes()
+    with pytest.raises(P.OutputError, match="holds 1 of the input images .a.png.*choose another output folder"):
+        P.predict([str(tmp_path)], model, tmp_path, forward=forward, progress=False)
+    assert (tmp_path / "a.png").read_bytes() == before                   # the input is untouched
 
 
 def test_cli(tmp_path, model_dir, capsys, monkeypatch):
@@ -160,3 +164,9 @@ def test_cli(tmp_path, model_dir, capsys, monkeypatch):
     assert len(glob.glob(str(tmp_path / "out" / "*_overlay.png"))) == 3
     assert P.main(["--model", model_dir, "--output", str(tmp_path / "o2"), str(tmp_path / "nothing")]) == 2
     assert P.main(["--model", model_dir, "--output", str(tmp_path / "o2"), "--crop", "axb", str(d)]) == 2
+    capsys.readouterr()
+    for flags, message in ((["--mode", "slide", "--crop", "64x64", "--stride", "600x600"], "larger than crop"),
+                           (["--crop", "none"], "crop=None"), (["--ratios", "1,x"], "--ratios=1,x"),
+                           (["--bucket", "abc"], "--bucket=abc"), (["--alpha", "5"], "--alpha=5")):
+        assert P.main(["--model", model_dir, "--output", str(tmp_path / "o2"), *flags, str(d)]) == 2, flags
+        assert message in capsys.readouterr().err, flags
