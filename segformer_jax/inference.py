@@ -163,8 +163,8 @@ class InferenceConfig:
             raise ValueError(f"ratios={self.ratios}: give one or more positive ratios")
         if self.bucket is not None and self.bucket < 1:
             raise ValueError(f"bucket={self.bucket} must be >= 1 (or None)")
-        if self.size_divisor is not None and self.size_divisor < 1:
-            raise ValueError(f"size_divisor={self.size_divisor} must be >= 1 (or None)")
+        if self.size_divisor is not None and self.size_divisor < 0:
+            raise ValueError(f"size_divisor={self.size_divisor} must be a positive multiple (0 or None: no rounding)")
         object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
         object.__setattr__(self, "crop", _pair("crop", self.crop))
         object.__setattr__(self, "stride", _pair("stride", self.stride))
