@@ -153,6 +153,13 @@ def export_tflite(saved_model_dir: str | os.PathLike, out_path: str | os.PathLik
     """Convert a SavedModel from `save_tf_saved_model` to TFLite. Raises RuntimeError with the
     converter's reason when it refuses (jax2tf SavedModels hold an XlaCallModule op)."""
     import tensorflow as tf
+    # Refuse symbolic shapes up front: the converter would fail on them too, after printing pages of MLIR.
+    signature = tf.saved_model.load(os.fspath(saved_model_dir)).signatures.get("serving_default")
+    for name, spec in (signature.structured_input_signature[1].items() if signature is not None else ()):
+        if spec.shape.rank is None or None in spec.shape.as_list():
+            raise RuntimeError(
+                f"TFLite needs static shapes, but input {name!r} of {saved_model_dir} is {spec.shape}: write the "
+                "SavedModel with save_tf_saved_model(..., batch=1, height=H, width=W), one per serving resolution")
     converter = tf.lite.TFLiteConverter.from_saved_model(os.fspath(saved_model_dir))
     ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     if allow_select_tf_ops:

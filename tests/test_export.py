@@ -74,3 +74,15 @@ def test_tflite_static_shape(tmp_path, tiny):
     interpreter.invoke()
     got = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
     np.testing.assert_allclose(got, np.asarray(live(variables, x)), atol=1e-5, rtol=0)
+
+
+def test_tflite_refuses_symbolic_shapes_up_front(tmp_path):
+    import tensorflow as tf
+    module = tf.Module()
+    module.serve = tf.function(lambda images: images * 2.0,
+                               input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="images")])
+    tf.saved_model.save(module, str(tmp_path / "symbolic"), signatures={"serving_default": module.serve})
+    with pytest.raises(RuntimeError, match=r"TFLite needs static shapes, but input 'images' .* is \(None, None, None, 3\)"):
+        E.export_tflite(tmp_path / "symbolic", tmp_path / "x.tflite")
+    assert not (tmp_path / "x.tflite").exists()
+
