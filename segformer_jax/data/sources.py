@@ -46,6 +46,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from segformer_jax import palettes
 from segformer_jax.data import folder as folder_lib
 from segformer_jax.data import synthetic_shapes
 
@@ -105,13 +106,10 @@ PET_PALETTE = np.array([[200, 60, 60], [40, 40, 40], [240, 240, 240]], dtype=np.
 
 
 def make_palette(num_classes: int) -> np.ndarray:
-  """A deterministic palette of distinct-ish colours (golden-ratio hues)."""
-  i = np.arange(num_classes, dtype=np.float64)
-  h = (i * 0.618033988749895) % 1.0
-  s = 0.55 + 0.4 * ((i * 0.377) % 1.0)
-  v = 0.6 + 0.35 * ((i * 0.7548776662466927) % 1.0)
-  rgb = synthetic_shapes._hsv_to_rgb(h, s, v)  # pylint: disable=protected-access
-  return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8).reshape(num_classes, 3)
+  """The colours `segformer_jax.predict` uses by default for this many classes (ADE20K's for 150,
+  Cityscapes' for 19, generated otherwise), so that training's eval images and predict's overlays
+  agree."""
+  return palettes.get_palette("auto", num_classes)
 
 
 def reduce_zero_label(label: tf.Tensor) -> tf.Tensor:
