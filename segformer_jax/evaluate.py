@@ -162,24 +162,10 @@ def confusion_at_resized_size(config, model, variables, info):
 
 
 def inference_config(config, *, ratios=(1.0,), flip: bool = False):
-    """The `segformer_jax.inference.InferenceConfig` of a training config's eval settings: keep-ratio
-    resize to `data.eval_scale` (None: original size) rounded up to `data.eval_size_divisor`, `eval.mode`,
-    and for 'slide' its crop and stride. Tiles are padded to multiples of 32 (one compilation per
-    padded size); with a divisor of 32 (ADE20K) nothing is padded, as in NVlabs' test pipeline."""
-    from segformer_jax.data import input_pipeline
-    from segformer_jax.inference import InferenceConfig
-
-    mode = config.eval.mode
-    kwargs = {}
-    if mode == "slide":
-        if not config.eval.get("crop_size") or not config.eval.get("stride"):
-            raise EvaluationError("eval.mode='slide' needs eval.crop_size and eval.stride")
-        kwargs = {"crop": tuple(config.eval.crop_size), "stride": tuple(config.eval.stride)}
-    scale = config.data.get("eval_scale")
+    """`segformer_jax.inference.config_from_training`, with its errors as EvaluationError."""
+    from segformer_jax.inference import config_from_training
     try:
-        return InferenceConfig(mode=mode, scale=tuple(scale) if scale else None,
-                               ratios=tuple(float(r) for r in ratios), flip=bool(flip),
-                               size_divisor=input_pipeline.eval_size_divisor(config.data), **kwargs)
+        return config_from_training(config, ratios=ratios, flip=flip)
     except ValueError as err:
         raise EvaluationError(f"eval settings: {err}") from None
 

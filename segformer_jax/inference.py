@@ -31,7 +31,9 @@ Sliding-window averaging is done on the host either way.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -178,6 +180,53 @@ class InferenceConfig:
     @property
     def augmentations(self) -> list[tuple[float, bool]]:
         return [(r, f) for r in self.ratios for f in ((False, True) if self.flip else (False,))]
+
+
+def config_from_training(config, *, ratios=(1.0,), flip: bool = False) -> InferenceConfig:
+    """The InferenceConfig of a training config's eval settings (what `segformer_jax.evaluate` runs):
+    keep-ratio resize to `data.eval_scale` (None: original size) rounded up to `data.eval_size_divisor`,
+    `eval.mode`, and for 'slide' its crop and stride. Tiles are padded to multiples of 32 (one
+    compilation per padded size); with a divisor of 32 (ADE20K) nothing is padded, as in NVlabs' test
+    pipeline."""
+    from segformer_jax.data import input_pipeline
+
+    kwargs = {}
+    if config.eval.mode == "slide":
+        if not config.eval.get("crop_size") or not config.eval.get("stride"):
+            raise ValueError("eval.mode='slide' needs eval.crop_size and eval.stride")
+        kwargs = {"crop": tuple(config.eval.crop_size), "stride": tuple(config.eval.stride)}
+    scale = config.data.get("eval_scale")
+    return InferenceConfig(mode=config.eval.mode, scale=tuple(scale) if scale else None,
+                           ratios=tuple(float(r) for r in ratios), flip=bool(flip),
+                           size_divisor=input_pipeline.eval_size_divisor(config.data), **kwargs)
+
+
+SETTINGS_NAME = "inference.json"   # beside a model's config.json: the settings it was evaluated with
+_SAVED_FIELDS = ("mode", "scale", "crop", "stride", "size_divisor")
+
+
+def save_settings(config: InferenceConfig, model_dir: str | os.PathLike) -> str:
+    """Record how a model was evaluated (train.py writes it into <workdir>/final), so that
+    `segformer_jax.predict` segments new images the same way by default."""
+    path = os.path.join(os.fspath(model_dir), SETTINGS_NAME)
+    settings = {k: getattr(config, k) for k in _SAVED_FIELDS}
+    with open(path, "w") as f:
+        json.dump({k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}, f, indent=2)
+        f.write("\n")
+    return path
+
+
+def load_settings(model_dir: str | os.PathLike) -> dict:
+    """The fields recorded by `save_settings` ({} when the directory has none), for InferenceConfig(**...)."""
+    path = os.path.join(os.fspath(model_dir), SETTINGS_NAME)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not readable JSON ({e}); delete it to use the default settings") from None
+    return {k: saved[k] for k in _SAVED_FIELDS if k in saved}
 
 
 # ------------------------------------------------------------------------------------ the network

@@ -312,15 +312,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files, folders, or glob patterns (quote them)")
     p.add_argument("--model", required=True, help="model directory (Hugging Face, save_pretrained, or int8 quantized)")
     p.add_argument("--output", "-o", required=True, help="output folder (created if needed)")
-    p.add_argument("--mode", choices=("whole", "slide"), default="whole")
-    p.add_argument("--scale", default="2048x512",
-                   help="keep-ratio resize scale LONGxSHORT as mmseg img_scale (default 2048x512, ADE20K; "
-                        "Cityscapes 2048x1024); 'none' keeps the image size")
+    p.add_argument("--mode", choices=("whole", "slide"), default=None,
+                   help="default: as the model was evaluated in training (its inference.json), else whole")
+    p.add_argument("--scale", default=None,
+                   help="keep-ratio resize scale LONGxSHORT as mmseg img_scale, e.g. 2048x512 (ADE20K), 2048x1024 "
+                        "(Cityscapes); 'none' keeps the image size. Default: the model's training eval scale "
+                        "(inference.json, written by train.py), else 2048x512")
     p.add_argument("--ratios", default="1.0", help="multi-scale TTA ratios, e.g. 0.5,0.75,1.0,1.25,1.5,1.75")
     p.add_argument("--flip", action="store_true", help="flip TTA (adds the mirrored image)")
-    p.add_argument("--crop", default="512x512", help="sliding-window size HxW (mode slide)")
-    p.add_argument("--stride", default="341x341", help="sliding-window stride HxW (mode slide)")
-    p.add_argument("--size-divisor", type=int, default=None, help="round resized sizes up to a multiple (NVlabs AlignedResize)")
+    p.add_argument("--crop", default=None, help="sliding-window size HxW (mode slide; default: the model's, else 512x512)")
+    p.add_argument("--stride", default=None, help="sliding-window stride HxW (mode slide; default: the model's, else 341x341)")
+    p.add_argument("--size-divisor", type=int, default=None,
+                   help="round resized sizes up to a multiple (NVlabs AlignedResize); 0: no rounding; default: "
+                        "the model's training eval setting, else none")
     p.add_argument("--bucket", default="32", help="pad tiles to multiples of this (fewer compilations); 'none': exact sizes")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--palette", default="auto", help="auto | ade20k | cityscapes | generated")
@@ -348,10 +352,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--bucket={args.bucket}: give a number of pixels, e.g. 32, or 'none'") from None
         if not 0.0 <= args.alpha <= 1.0:
             raise ValueError(f"--alpha={args.alpha}: the overlay opacity is between 0 and 1")
-        config = inference.InferenceConfig(
-            mode=args.mode, scale=_pair(args.scale, "--scale"), ratios=ratios, flip=args.flip,
-            crop=_pair(args.crop, "--crop"), stride=_pair(args.stride, "--stride"),
-            size_divisor=args.size_divisor, bucket=bucket)
+        # Flags given win; then the settings the model was evaluated with in training; then the defaults.
+        given = {k: v for k, v in (("mode", args.mode), ("size_divisor", args.size_divisor)) if v is not None}
+        for name in ("scale", "crop", "stride"):
+            if getattr(args, name) is not None:
+                given[name] = _pair(getattr(args, name), f"--{name}")   # 'none' is a choice, not "unset"
+        saved = inference.load_settings(args.model) if os.path.isdir(args.model) else {}
+        from_model = {k: v for k, v in saved.items() if k not in given}
+        if from_model:
+            print(f"{args.model}: as evaluated in training ({inference.SETTINGS_NAME}): "
+                  + ", ".join(f"{k} {v}" for k, v in from_model.items()) + "; flags override", file=sys.stderr)
+        settings = {"mode": "whole", "scale": (2048, 512), **from_model, **given}
+        config = inference.InferenceConfig(ratios=ratios, flip=args.flip, bucket=bucket, **settings)
     except (ValueError, argparse.ArgumentTypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -212,6 +212,7 @@ def main(argv=None) -> int:
     """python -m segformer_jax.quantize MODEL_DIR OUT_DIR: a float32 model (any from_pretrained
     source, e.g. a train.py workdir's final/) -> its int8 weight-only checkpoint."""
     import argparse
+    import shutil
     import sys
 
     from segformer_jax.config import ConfigError
@@ -231,6 +232,9 @@ def main(argv=None) -> int:
     try:
         model, variables = from_pretrained(args.model)
         out = save_quantized(model, quantize_variables(variables), args.out_dir, overwrite=args.overwrite)
+        from segformer_jax.inference import SETTINGS_NAME
+        if os.path.isfile(os.path.join(args.model, SETTINGS_NAME)):   # predict's defaults travel with the weights
+            shutil.copyfile(os.path.join(args.model, SETTINGS_NAME), os.path.join(out, SETTINGS_NAME))
     except (ConfigError, ConversionError, CheckpointFileError, QuantizedCheckpointError, FileNotFoundError,
             FileExistsError) as e:
         print(f"error: {str(e).replace('pass overwrite=True', 'pass --overwrite')}", file=sys.stderr)

@@ -612,7 +612,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if is_main:
             from segformer_jax.pretrained import save_pretrained
             variables = to_host({"params": state.params, "batch_stats": state.batch_stats})
-            save_pretrained(model, variables, os.path.join(workdir, FINAL_DIR), format="flax", overwrite=True)
+            final_dir = save_pretrained(model, variables, os.path.join(workdir, FINAL_DIR), format="flax",
+                                        overwrite=True)
+            from segformer_jax import inference
+            try:   # predict's defaults for this model; the model itself is saved whatever happens here
+                inference.save_settings(inference.config_from_training(config), final_dir)
+            except (ValueError, OSError) as e:
+                logger.warning("could not record the eval settings in %s (%s); predict will use its defaults",
+                               final_dir, e)
             metrics.save_json({"step": final_step, **results}, os.path.join(workdir, "eval_results.json"))
             print(f"\nFinal evaluation at step {final_step} ({info.name}, {info.num_eval_examples} images):\n"
                   + metrics.format_table(results), flush=True)

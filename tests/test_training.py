@@ -414,6 +414,22 @@ def test_read_config_gives_back_the_training_config(uninterrupted_run, tmp_path)
         training.read_config(str(tmp_path))
 
 
+def test_final_model_carries_its_eval_settings_to_predict(uninterrupted_run, tmp_path, capsys):
+    from PIL import Image
+
+    from segformer_jax import inference, predict
+    workdir, _ = uninterrupted_run
+    final = os.path.join(workdir, "final")
+    want = inference.config_from_training(training.read_config(workdir))
+    assert inference.InferenceConfig(**inference.load_settings(final)) == want
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 150, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    assert predict.main(["--model", final, "--output", str(tmp_path / "out"), "--quiet", "--compilation-cache", "",
+                         str(tmp_path / "a.png")]) == 0
+    err = capsys.readouterr().err
+    assert f"as evaluated in training (inference.json): mode whole, scale {list(want.scale)}" in err
+    assert np.asarray(Image.open(tmp_path / "out" / "a.png")).shape == (90, 150)
+
+
 def _varied_size_folder(root, class_names):
     """A folder dataset whose validation images have different sizes, none a multiple of 32."""
     from PIL import Image
