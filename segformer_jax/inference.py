@@ -210,9 +210,10 @@ def save_settings(config: InferenceConfig, model_dir: str | os.PathLike) -> str:
     `segformer_jax.predict` segments new images the same way by default."""
     path = os.path.join(os.fspath(model_dir), SETTINGS_NAME)
     settings = {k: getattr(config, k) for k in _SAVED_FIELDS}
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         json.dump({k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}, f, indent=2)
         f.write("\n")
+    os.replace(path + ".tmp", path)   # a reader never sees half a file
     return path
 
 
