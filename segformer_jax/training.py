@@ -475,7 +475,9 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def _eval_and_log(step, model, state, eval_iter, eval_step_fn, info, config, workdir, writer, batch_sharding,
-                  data_config):
+                  data_config, *, log: bool = True):
+    """Evaluate; with `log`, add the results to the metric logs and eval/, images/ (off when a finished
+    run is reopened: its last evaluation is already recorded)."""
     from segformer_jax import visualize
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     t0 = time.time()
@@ -483,6 +485,8 @@ def _eval_and_log(step, model, state, eval_iter, eval_step_fn, info, config, wor
                             class_names=info.class_names, batch_sharding=batch_sharding,
                             num_vis=int(config.eval.num_vis), progress=config.progress_bar)
     seconds = time.time() - t0
+    if not log:
+        return results
     writer.scalars(step, "eval", {"mIoU": results["mIoU"], "mAcc": results["mAcc"], "aAcc": results["aAcc"],
                                   "seconds": seconds})
     if jax.process_index() == 0:
@@ -606,9 +610,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     final_step = int(to_host(state.step))
     if final_step >= total_steps:
-        if results is None:   # resumed a finished run: evaluate the restored state again
+        if results is None:   # resumed a finished run: evaluate the restored state again (for the export)
             results = _eval_and_log(final_step, model, state, eval_iter, eval_step, info, config, workdir,
-                                    writer, batch_sharding, data_config)
+                                    writer, batch_sharding, data_config, log=False)
         if is_main:
             from segformer_jax.pretrained import save_pretrained
             variables = to_host({"params": state.params, "batch_stats": state.batch_stats})

@@ -369,6 +369,10 @@ def test_resume_after_kill_is_bit_exact(uninterrupted_run, tmp_path, data_dir, c
     for a, b in zip(leaves_a, leaves_b):
         assert np.array_equal(np.asarray(a), np.asarray(b))
     assert not any("tmp" in name for name in os.listdir(ckpt))   # the half-written one was cleaned up
+    # Once more, finished: same final results, and the last evaluation is not logged a second time.
+    assert training.train_and_evaluate(config, workdir)["mIoU"] == result["mIoU"]
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [r["step"] for r in records if r["split"] == "eval"] == [4]
 
 
 def test_workdir_of_a_different_model_is_refused(uninterrupted_run, data_dir):
