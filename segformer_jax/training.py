@@ -241,13 +241,17 @@ def confusion_over_batches(variables, eval_batches, eval_step_fn, *, num_classes
         from tqdm.auto import tqdm
         it = tqdm(eval_batches, desc="eval", leave=False, dynamic_ncols=True)
     for batch in it:
+        sizes = batch.get("image_size")
         batch = {k: batch[k] for k in ("image", "label", "valid")}
         global_batch = shard_batch(batch, batch_sharding)
         cm, preds = eval_step_fn(variables, global_batch)
         acc.add(cm, int(np.prod(global_batch["label"].shape)))
         if vis is None and num_vis > 0:
             n = min(num_vis, int(np.sum(batch["valid"])))
-            vis = {"image": batch["image"][:n], "label": batch["label"][:n], "pred": to_host(preds)[:n]}
+            pred = np.array(to_host(preds)[:n])
+            for p, (h, w) in zip(pred, sizes[:n] if sizes is not None else ()):
+                p[h:], p[:, w:] = -1, -1   # the padding is no image: no class there, left uncoloured
+            vis = {"image": batch["image"][:n], "label": batch["label"][:n], "pred": pred}
     return acc.result(), vis
 
 

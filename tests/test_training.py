@@ -520,3 +520,25 @@ def test_confusion_matrices_beyond_int32_survive_the_sum_over_processes():
     from segformer_jax import evaluate
     matrix = np.array([[2 ** 40 + 5, 0], [2 ** 31, 2 ** 31 - 1]], np.int64)   # Cityscapes val counts 2^31 pixels
     np.testing.assert_array_equal(evaluate._sum_over_processes(matrix), matrix)
+
+
+def test_eval_pictures_leave_the_padding_uncoloured():
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from segformer_jax import visualize
+    mesh = training.make_mesh(jax.devices()[:1])
+    batch = {"image": np.zeros((2, 8, 8, 3), np.float32), "label": np.zeros((2, 8, 8), np.int32),
+             "valid": np.ones((2,), bool), "image_size": np.array([[5, 6], [8, 8]], np.int32)}
+
+    def eval_step(variables, b):          # predicts class 1 everywhere, padding included
+        return jnp.zeros((2, 2), jnp.int32), jnp.ones(b["label"].shape, jnp.int32)
+
+    _, vis = training.confusion_over_batches(None, [batch], eval_step, num_classes=2,
+                                             batch_sharding=NamedSharding(mesh, P("data")), num_vis=2)
+    pred = vis["pred"]
+    assert (pred[0, :5, :6] == 1).all() and (pred[0, 5:] == -1).all() and (pred[0, :, 6:] == -1).all()
+    assert (pred[1] == 1).all()
+    grid = visualize.comparison_grid(vis["image"], vis["label"], pred, np.array([[0, 0, 0], [255, 0, 0]], np.uint8),
+                                     mean=(0, 0, 0), std=(1, 1, 1))
+    prediction_cell = grid[:8, 2 * 8 + 4:]          # row 0, third column (gaps of 2 px)
+    assert (prediction_cell[5:] == 0).all() and prediction_cell[0, 0, 0] > 0     # padding stays the image (black)
