@@ -27,6 +27,8 @@ logger = logging.getLogger("segformer_jax")
 
 FLAX_WEIGHTS_DIR = "flax_variables"   # Orbax checkpoint inside a directory saved with format="flax"
 CONFIG_NAME = "config.json"
+# A train.py workdir: checkpoints/<step>/ while training, the exported model in final/ at the end.
+WORKDIR_CHECKPOINTS, WORKDIR_FINAL = "checkpoints", "final"
 _INIT_SIZE = 64                       # image side used to trace shapes / initialise fresh parts
 
 
@@ -57,8 +59,8 @@ def _read_source(path: str, config: SegformerConfig | None):
             "float32 weights. Load it with segformer_jax.quantize.load_quantized(path) (int8, apply with "
             "quantize.quantized_apply(model)) or load_quantized(path, dequantize=True) for float32 variables; "
             "`python -m segformer_jax.predict --model` takes it directly.")
-    if os.path.isdir(os.path.join(path, "checkpoints")) and not os.path.isdir(os.path.join(path, FLAX_WEIGHTS_DIR)):
-        final = os.path.join(path, "final")
+    if os.path.isdir(os.path.join(path, WORKDIR_CHECKPOINTS)) and not os.path.isdir(os.path.join(path, FLAX_WEIGHTS_DIR)):
+        final = os.path.join(path, WORKDIR_FINAL)
         raise ConfigError(
             f"{path} is a train.py workdir, not a model directory: "
             + (f"its trained model is {final}" if os.path.isdir(final) else

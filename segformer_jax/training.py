@@ -43,13 +43,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from segformer_jax import losses, metrics, optim
 from segformer_jax.config import SegformerConfig
 from segformer_jax.model import SegformerForSemanticSegmentation
-from segformer_jax.pretrained import init_variables
+from segformer_jax.pretrained import WORKDIR_CHECKPOINTS, WORKDIR_FINAL, init_variables
 from segformer_jax.xla_options import init_compiler_options, train_compiler_options
 
 logger = logging.getLogger("segformer_jax.training")
 
-CHECKPOINT_DIR = "checkpoints"
-FINAL_DIR = "final"
+CHECKPOINT_DIR = WORKDIR_CHECKPOINTS   # named in pretrained, which recognises a workdir given as a model
+FINAL_DIR = WORKDIR_FINAL
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 

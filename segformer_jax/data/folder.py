@@ -122,15 +122,16 @@ def _pair(images_dir: str, masks_dir: str) -> tuple[list[str], list[str], list[s
   images = _index_dir(images_dir, IMAGE_EXTENSIONS, "images")
   masks = _index_dir(masks_dir, MASK_EXTENSIONS, "masks")
   no_mask = sorted(os.path.basename(images[s]) for s in images if s not in masks)
-  other_files = {os.path.splitext(n)[0]: n for n in sorted(os.listdir(masks_dir)) if not n.startswith(".")}
-  not_png = sorted(other_files[s] for s in images if s not in masks and s in other_files)
-  if not_png:
-    raise FolderDatasetError(
-        f"{len(not_png)} mask(s) in {masks_dir!r} are not PNG: {_list(not_png)}. Masks must be "
-        "lossless PNG files of class ids (JPEG compression changes the ids at every edge); "
-        "save them as PNG with the same file stem."
-    )
   if no_mask:
+    # Listed again only on this error path: a mask of another type is a different mistake.
+    other_files = {os.path.splitext(n)[0]: n for n in sorted(os.listdir(masks_dir)) if not n.startswith(".")}
+    not_png = sorted(other_files[s] for s in images if s not in masks and s in other_files)
+    if not_png:
+      raise FolderDatasetError(
+          f"{len(not_png)} mask(s) in {masks_dir!r} are not PNG: {_list(not_png)}. Masks must be "
+          "lossless PNG files of class ids (JPEG compression changes the ids at every edge); "
+          "save them as PNG with the same file stem."
+      )
     raise FolderDatasetError(
         f"{len(no_mask)} image(s) in {images_dir!r} have no mask in {masks_dir!r}: "
         f"{_list(no_mask)}. Each image needs a PNG mask with the same file stem "
