@@ -49,7 +49,7 @@ def make_batch(batch: int, size: int, num_labels: int, seed: int = 0):
 
 
 def jax_loss(name: str):
-    from segformer_jax import kernels
+    from segformer_jax.models import kernels
     return {"reference": kernels.cross_entropy_reference, "fused": kernels.upsampled_cross_entropy,
             "banded": kernels.upsampled_cross_entropy_banded}[name]
 

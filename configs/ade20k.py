@@ -6,7 +6,7 @@ rounded up to multiples of 32 (NVlabs AlignedResize, `data.eval_size_divisor`).
         --config.model.init_from=path/to/mit-b2     # ImageNet encoder, as in the paper
 """
 
-from segformer_jax import recipes as common
+from segformer_jax.training import recipes as common
 
 
 def get_config(arg=None):

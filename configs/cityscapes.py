@@ -5,7 +5,7 @@ crops, 160k iterations, batch 8 (8 GPUs x 1), sliding-window eval 1024x1024 stri
     python train.py --config configs/cityscapes.py:b2 --workdir runs/cs_b2 --config.model.init_from=mit-b2
 """
 
-from segformer_jax import recipes as common
+from segformer_jax.training import recipes as common
 
 
 def get_config(arg=None):

@@ -5,7 +5,7 @@
 From scratch and this short, the paper's 6e-5 would barely move: the lr is higher and the warmup short.
 """
 
-from segformer_jax import recipes as common
+from segformer_jax.training import recipes as common
 
 
 def get_config(arg=None):

@@ -5,7 +5,7 @@ PNGs of class ids (255 = ignore). See segformer_jax/data/folder.py for the layou
         --config.data.folder=/path/to/dataset --config.model.init_from=path/to/mit-b2
 """
 
-from segformer_jax import recipes as common
+from segformer_jax.training import recipes as common
 
 
 def get_config(arg=None):

@@ -4,7 +4,7 @@ recipe: 512x512 crops, 20k iterations, batch 8, the paper's optimiser.
     python train.py --config configs/pets.py:b0 --workdir runs/pets_b0 --config.model.init_from=mit-b0
 """
 
-from segformer_jax import recipes as common
+from segformer_jax.training import recipes as common
 
 
 def get_config(arg=None):

@@ -20,7 +20,8 @@ import numpy as np
 from PIL import Image
 
 import segformer_jax as sj
-from segformer_jax import inference, predict as P, quantize as Q
+from segformer_jax import inference, predict as P
+from segformer_jax.deploy import quantize as Q
 from segformer_jax.data.synthetic_shapes import generate_example
 
 
@@ -96,7 +97,7 @@ def main():
     labels = [e[1] for e in examples]
     f32_fn = jax.jit(model.apply)
     q_fn = jax.jit(Q.quantized_apply(model_q))
-    from segformer_jax.decode_head import upsample_bilinear
+    from segformer_jax.models.decode_head import upsample_bilinear
     up = jax.jit(lambda l: upsample_bilinear(l, (128, 128)).argmax(-1))
     pf, pq = [], []
     for s in range(0, len(images), 8):

@@ -1,8 +1,27 @@
-"""SegFormer in JAX/Flax, exact to Hugging Face transformers."""
+"""SegFormer in JAX/Flax, exact to Hugging Face transformers.
 
-from segformer_jax.config import VARIANTS, ConfigError, SegformerConfig
-from segformer_jax.model import SegformerForImageClassification, SegformerForSemanticSegmentation, SegformerModel
-from segformer_jax.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize_images
+The package, floor by floor (a floor imports only the floors above it in this list):
+
+    models/         the network: config and variants, the paper's blocks, encoder, decode head, fast kernels
+    fileio.py       all-or-nothing writes;  xla_options.py  XLA flags and the compilation cache
+    data/           datasets (TFDS, folder), the tf.data augmentation recipe, palettes
+    pretrained.py   from_pretrained / save_pretrained: Hugging Face, NVlabs and our own checkpoints
+    inference/      whole / sliding-window / TTA inference, visualisation
+    evaluation/     confusion matrices, mIoU / mPA / aAcc
+    training/       state, train_step, checkpoints, logging, the loop, optimiser, loss, config recipes
+    deploy/         export (StableHLO, SavedModel, TFLite), int8 quantization
+    predict.py, evaluate.py, quantize.py   the command-line tools (`python -m segformer_jax.<tool>`)
+
+`weights_convert/` (beside this package) holds the checkpoint key tables and the conversion CLI;
+`tests/test_layout.py` checks the floors and that no import cycle exists.
+"""
+
+from segformer_jax import _moved
+from segformer_jax.models.config import VARIANTS, ConfigError, SegformerConfig
+from segformer_jax.models.model import SegformerForImageClassification, SegformerForSemanticSegmentation, SegformerModel
+from segformer_jax.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize_images
+
+_moved.install()
 
 __all__ = [
     "VARIANTS", "ConfigError", "SegformerConfig",

@@ -71,8 +71,8 @@ def load_model(path: str, *, step: int | None = None, best: bool = False):
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
 
-    from segformer_jax.config import SegformerConfig
-    from segformer_jax.model import SegformerForSemanticSegmentation
+    from segformer_jax.models.config import SegformerConfig
+    from segformer_jax.models.model import SegformerForSemanticSegmentation
 
     path = os.path.abspath(path)
     if not os.path.exists(path):
@@ -115,9 +115,9 @@ def load_model(path: str, *, step: int | None = None, best: bool = False):
 
 def evaluate_model(config, model, variables, *, protocol: str = "original", ratios=(1.0,), flip: bool = False) -> dict:
     """Runs the eval split of `config.data` with `config.eval` settings; returns the results dict:
-    `segformer_jax.metrics.segmentation_metrics`, "protocol", and "confusion_matrix" (K x K pixel counts,
+    `segformer_jax.evaluation.metrics.segmentation_metrics`, "protocol", and "confusion_matrix" (K x K pixel counts,
     rows = ground truth, columns = prediction)."""
-    from segformer_jax import metrics
+    from segformer_jax.evaluation import metrics
     from segformer_jax.data import input_pipeline
 
     info = input_pipeline.get_dataset_info(config.data)
@@ -259,7 +259,8 @@ def main(argv):
         raise app.UsageError("--ratios and --flip (test-time augmentation) need --protocol original")
     import jax
 
-    from segformer_jax import metrics, training
+    from segformer_jax.evaluation import metrics
+    from segformer_jax import training
     from segformer_jax.data.sources import DataNotFoundError
     config = _CONFIG.value
     if config is None:

@@ -27,7 +27,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from segformer_jax import inference, palettes, xla_options
+from segformer_jax import inference, xla_options
+from segformer_jax.data import palettes
+from segformer_jax.fileio import atomic_file
 
 logger = logging.getLogger("segformer_jax")
 
@@ -140,19 +142,11 @@ def check_output_dir(out_dir: str) -> str:
 
 def _save_png_atomic(array: np.ndarray, path: str) -> None:
     from PIL import Image
-    directory, name = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if array.dtype == np.uint16:
-                Image.fromarray(array.astype(np.uint16)).save(f, format="PNG")  # mode I;16
-            else:
-                Image.fromarray(array).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_file(path) as f:
+        if array.dtype == np.uint16:
+            Image.fromarray(array.astype(np.uint16)).save(f, format="PNG")  # mode I;16
+        else:
+            Image.fromarray(array).save(f, format="PNG")
 
 
 def _output_names(files: Sequence[str]) -> list[str]:
@@ -170,8 +164,8 @@ def _output_names(files: Sequence[str]) -> list[str]:
 # ------------------------------------------------------------------------------------ model
 def load_model(path: str | os.PathLike):
     """-> (model, apply_fn, variables) from a from_pretrained directory or an int8 checkpoint
-    written by `segformer_jax.quantize.save_quantized`."""
-    from segformer_jax import quantize
+    written by `segformer_jax.deploy.quantize.save_quantized`."""
+    from segformer_jax.deploy import quantize
     if quantize.is_quantized(path):
         model, qvariables = quantize.load_quantized(path)
         return model, quantize.quantized_apply(model), qvariables

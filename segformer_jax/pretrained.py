@@ -7,20 +7,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from typing import Any, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from segformer_jax.config import HF_LAYER_NORM_EPS, ConfigError, SegformerConfig
-from segformer_jax.model import ARCHITECTURES, architecture_name
+from segformer_jax.fileio import atomic_directory
+from segformer_jax.models.config import HF_LAYER_NORM_EPS, ConfigError, SegformerConfig
+from segformer_jax.models.model import ARCHITECTURES, architecture_name
 from segformer_jax.xla_options import init_compiler_options
 
 logger = logging.getLogger("segformer_jax")
@@ -29,7 +27,35 @@ FLAX_WEIGHTS_DIR = "flax_variables"   # Orbax checkpoint inside a directory save
 CONFIG_NAME = "config.json"
 # A train.py workdir: checkpoints/<step>/ while training, the exported model in final/ at the end.
 WORKDIR_CHECKPOINTS, WORKDIR_FINAL = "checkpoints", "final"
+# The int8 weight-only checkpoints of segformer_jax.deploy.quantize: recognised here, to refuse them.
+QUANTIZED_WEIGHTS_NAME = "model-int8.safetensors"
+QUANTIZED_FORMAT = "segformer_jax-int8-weight-only"
 _INIT_SIZE = 64                       # image side used to trace shapes / initialise fresh parts
+
+
+class QuantizedCheckpointError(ValueError):
+    """An int8 checkpoint given to code that expects float32 weights (or a damaged one)."""
+
+
+def _quantized_weights_file(path: str) -> str | None:
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        candidate = os.path.join(path, QUANTIZED_WEIGHTS_NAME)
+        return candidate if os.path.isfile(candidate) else None
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        try:
+            from safetensors import safe_open
+            with safe_open(path, framework="numpy") as f:
+                meta = f.metadata() or {}
+        except Exception:
+            return None
+        return path if meta.get("format") == QUANTIZED_FORMAT else None
+    return None
+
+
+def is_quantized(path: str | os.PathLike) -> bool:
+    """True for a directory written by save_quantized (or its weights file)."""
+    return _quantized_weights_file(os.fspath(path)) is not None
 
 
 def init_variables(model, rng: int | jax.Array = 0, image_shape: tuple[int, int] = (_INIT_SIZE, _INIT_SIZE)):
@@ -51,12 +77,11 @@ def _read_source(path: str, config: SegformerConfig | None):
     """-> (config, source architecture, torch-style state dict, source format or None)."""
     from weights_convert import checkpoint_io
     from weights_convert.convert import flax_to_torch_state
-    from segformer_jax import quantize
 
-    if quantize.is_quantized(path):
-        raise quantize.QuantizedCheckpointError(
-            f"{path} is an int8 weight-only quantized checkpoint ({quantize.QUANTIZED_WEIGHTS_NAME}); it has no "
-            "float32 weights. Load it with segformer_jax.quantize.load_quantized(path) (int8, apply with "
+    if is_quantized(path):
+        raise QuantizedCheckpointError(
+            f"{path} is an int8 weight-only quantized checkpoint ({QUANTIZED_WEIGHTS_NAME}); it has no "
+            "float32 weights. Load it with segformer_jax.deploy.quantize.load_quantized(path) (int8, apply with "
             "quantize.quantized_apply(model)) or load_quantized(path, dequantize=True) for float32 variables; "
             "`python -m segformer_jax.predict --model` takes it directly.")
     if os.path.isdir(os.path.join(path, WORKDIR_CHECKPOINTS)) and not os.path.isdir(os.path.join(path, FLAX_WEIGHTS_DIR)):
@@ -132,7 +157,7 @@ def from_pretrained(
     from weights_convert import mapping
     if (source_format or mapping.detect_format(state.keys())) == "nvlabs" and "layer_norm_eps" not in changes:
         # NVlabs mit_bX were trained with LayerNorm eps 1e-6 (HF's modules use torch's 1e-5).
-        from segformer_jax.config import NVLABS_LAYER_NORM_EPS
+        from segformer_jax.models.config import NVLABS_LAYER_NORM_EPS
         changes["layer_norm_eps"] = NVLABS_LAYER_NORM_EPS
         logger.info("%s: NVlabs checkpoint, using layer_norm_eps=%g (pass layer_norm_eps=... to override)",
                     path, NVLABS_LAYER_NORM_EPS)
@@ -251,23 +276,3 @@ def _process_local_checkpointer():
     me = jax.process_index()
     return ocp.StandardCheckpointer(
         multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
-
-
-@contextlib.contextmanager
-def atomic_directory(out_dir: str | os.PathLike, *, overwrite: bool = False):
-    """Yield a staging directory that becomes `out_dir` only when the block completes: a failure
-    leaves nothing behind, and an existing non-empty `out_dir` is replaced only with overwrite=True."""
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists and is not empty; pass overwrite=True to replace it")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
-        yield staging
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir) if os.path.isdir(out_dir) else os.remove(out_dir)
-        os.rename(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

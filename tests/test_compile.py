@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from jax._src import monitoring
 
-from segformer_jax import SegformerConfig, SegformerForSemanticSegmentation, kernels
+from segformer_jax import SegformerConfig, SegformerForSemanticSegmentation
+from segformer_jax.models import kernels
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 TINY = dict(hidden_sizes=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_attention_heads=(1, 2, 4, 8),

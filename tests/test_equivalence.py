@@ -12,9 +12,9 @@ import transformers
 
 import segformer_jax as sj
 from reference import TINY, build_reference, images, max_abs_diff, to_flax, to_nhwc
-from segformer_jax import layers
-from segformer_jax.decode_head import DecodeHead
-from segformer_jax.encoder import MixVisionTransformer
+from segformer_jax.models import layers
+from segformer_jax.models.decode_head import DecodeHead
+from segformer_jax.models.encoder import MixVisionTransformer
 
 ATOL = 1e-4
 IMPLS = [("native", "concat"), ("shifted", "fused"), ("shifted", "phased")]

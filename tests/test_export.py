@@ -11,7 +11,7 @@ import pytest
 
 import segformer_jax as sj
 from reference import random_variables
-from segformer_jax import export as E
+from segformer_jax.deploy import export as E
 
 TINY = dict(hidden_sizes=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_attention_heads=(1, 1, 1, 2),
             decoder_hidden_size=16, num_labels=5)

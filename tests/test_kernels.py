@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from segformer_jax import SegformerConfig, kernels
-from segformer_jax.decode_head import resolve_decode_head_impl, upsample_bilinear
-from segformer_jax.layers import DepthwiseConv3x3, resolve_depthwise_impl
+from segformer_jax import SegformerConfig
+from segformer_jax.models import kernels
+from segformer_jax.models.decode_head import resolve_decode_head_impl, upsample_bilinear
+from segformer_jax.models.layers import DepthwiseConv3x3, resolve_depthwise_impl
 
 import torch
 F = torch.nn.functional
@@ -210,8 +211,8 @@ TINY = dict(hidden_sizes=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_attention_hea
 def test_fused_head_equals_concat(impl, size):
     """The decode head alone on random stage features (the encoder is not needed and compiles slowly).
     phased: (16, 16) runs in column-phase period 8, (17, 12) in period 12, (12, 17) falls back."""
-    from segformer_jax.decode_head import DecodeHead
-    from segformer_jax.encoder import stage_sizes
+    from segformer_jax.models.decode_head import DecodeHead
+    from segformer_jax.models.encoder import stage_sizes
 
     cfg = SegformerConfig(**TINY)
     # stage feature sizes of a (4 * size) image
@@ -266,7 +267,7 @@ def test_layer_norm_matches_torch_values_and_grads(shape):
 
 
 def test_layer_norm_module_same_params_as_flax():
-    from segformer_jax.layers import LayerNorm
+    from segformer_jax.models.layers import LayerNorm
 
     x = jnp.ones((2, 3, 8))
     ours = LayerNorm().init(jax.random.key(0), x)
@@ -304,7 +305,7 @@ def test_attention_per_image_loop_same_values(monkeypatch):
 
 
 def test_attention_dropout_path_is_unbiased_and_random():
-    from segformer_jax.layers import EfficientSelfAttention
+    from segformer_jax.models.layers import EfficientSelfAttention
 
     x = _rand(np.random.default_rng(11), (1, 4, 4, 8))
     layer = EfficientSelfAttention(8, num_heads=2, sr_ratio=2, attention_dropout=0.5)
@@ -318,7 +319,7 @@ def test_attention_dropout_path_is_unbiased_and_random():
 
 def test_erf_f32_is_erf_within_float32_rounding_and_lowers_to_plain_ops():
     import math
-    from segformer_jax.kernels import erf_f32
+    from segformer_jax.models.kernels import erf_f32
 
     z = np.concatenate([np.linspace(-6, 6, 200_001, dtype=np.float32), np.float32([0.0, 3.9, -3.9, 1e30, -1e30])])
     ours = np.asarray(jax.jit(erf_f32)(jnp.asarray(z)), np.float64)
@@ -332,7 +333,7 @@ def test_erf_f32_is_erf_within_float32_rounding_and_lowers_to_plain_ops():
 
 
 def test_gelu_of_half_is_the_exact_gelu_within_float32_rounding():
-    from segformer_jax.layers import gelu_of_half
+    from segformer_jax.models.layers import gelu_of_half
 
     x = _rand(np.random.default_rng(9), (4096,)) * 4
     x = jnp.concatenate([x, jnp.asarray([0.0, -0.0, 1e-30, -1e-30, 5.0, -5.0, 30.0, -30.0], jnp.float32)])
@@ -419,7 +420,7 @@ def test_scanned_and_rematerialised_blocks_are_the_same_function(changes, deep_t
 
 
 def test_drop_path_keeps_samples_whose_draw_is_below_the_keep_rate():
-    from segformer_jax.layers import DropPath
+    from segformer_jax.models.layers import DropPath
 
     x = jnp.ones((4, 3, 2))
     draws = jnp.asarray([0.05, 0.69, 0.71, 0.95])

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from segformer_jax import SegformerConfig, SegformerForSemanticSegmentation, losses
+from segformer_jax import SegformerConfig, SegformerForSemanticSegmentation
+from segformer_jax.training import losses
 
 TINY = SegformerConfig(hidden_sizes=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_attention_heads=(1, 1, 1, 2),
                        decoder_hidden_size=16, num_labels=4)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from segformer_jax import metrics
+from segformer_jax.evaluation import metrics
 
 
 def test_confusion_matrix_by_hand_with_ignore_and_out_of_range():

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 import segformer_jax as sj
-from segformer_jax import inference, palettes, predict as P
+from segformer_jax import inference, predict as P
+from segformer_jax.data import palettes
 
 TINY = dict(hidden_sizes=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_attention_heads=(1, 1, 1, 2),
             decoder_hidden_size=16, num_labels=5)

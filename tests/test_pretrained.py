@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 import segformer_jax as sj
 from reference import TINY, build_reference, hf_config, images, max_abs_diff, perturb_norms, to_nhwc
-from segformer_jax.config import ConfigError
+from segformer_jax.models.config import ConfigError
 from weights_convert import __main__ as cli
 from weights_convert.checkpoint_io import CheckpointFileError
 from weights_convert.convert import ConversionError

@@ -12,7 +12,7 @@ from PIL import Image
 
 import segformer_jax as sj
 from reference import random_variables
-from segformer_jax import quantize as Q
+from segformer_jax.deploy import quantize as Q
 
 TINY = dict(hidden_sizes=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_attention_heads=(1, 1, 1, 2),
             decoder_hidden_size=16, num_labels=5)

@@ -15,7 +15,8 @@ import numpy as np
 import optax
 import pytest
 
-from segformer_jax import optim, training
+from segformer_jax.training import optim
+from segformer_jax import training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASS_NAMES = ["a", "b", "c", "d"]
@@ -478,9 +479,9 @@ def test_evaluate_reproduces_the_training_eval_and_scores_at_the_original_size(u
     from PIL import Image
 
     from segformer_jax import evaluate
-    from segformer_jax.decode_head import upsample_bilinear
+    from segformer_jax.models.decode_head import upsample_bilinear
     from segformer_jax.inference import resize_bilinear
-    from segformer_jax.preprocess import normalize_images
+    from segformer_jax.models.preprocess import normalize_images
     model, variables, _ = evaluate.load_model(workdir)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     config = _config_like_run_flags(data_dir)
@@ -525,7 +526,7 @@ def test_confusion_matrices_beyond_int32_survive_the_sum_over_processes():
 def test_eval_pictures_leave_the_padding_uncoloured():
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from segformer_jax import visualize
+    from segformer_jax.inference import visualize
     mesh = training.make_mesh(jax.devices()[:1])
     batch = {"image": np.zeros((2, 8, 8, 3), np.float32), "label": np.zeros((2, 8, 8), np.int32),
              "valid": np.ones((2,), bool), "image_size": np.array([[5, 6], [8, 8]], np.int32)}

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     for name in ("segformer_jax", "weights_convert"):
         logging.getLogger(name).setLevel(logging.INFO)
     import segformer_jax
-    from segformer_jax.config import NVLABS_LAYER_NORM_EPS, ConfigError, SegformerConfig
+    from segformer_jax.models.config import NVLABS_LAYER_NORM_EPS, ConfigError, SegformerConfig
     from weights_convert.checkpoint_io import CheckpointFileError
     from weights_convert.convert import ConversionError
 

@@ -1,14 +1,16 @@
-"""Data for SegFormer training and evaluation.
+"""Data for SegFormer training and evaluation: where images come from and the recipe they go through.
 
-Modules (import them explicitly; this package imports nothing heavy on its own):
+    sources.py          the datasets: TFDS ``synthetic_shapes`` (built in, no download),
+                        ``scene_parse150`` (ADE20K), ``cityscapes``, ``oxford_iiit_pet``, a user ``folder``
+    input_pipeline.py   the tf.data train/eval pipelines (the mmseg/NVlabs SegFormer recipe: random
+                        resize, crop, flip, photometric distortion, normalisation, padding),
+                        ``default_data_config()`` documenting every field, ``get_dataset_info``,
+                        ``make_train_iterator``, ``make_eval_iterator``
+    synthetic_shapes.py the procedurally generated TFDS dataset used by default
+    folder.py           reader / validator for a folder of images + masks
+    palettes.py         class colours (ADE20K, Cityscapes, VOC-style generated)
 
-* :mod:`segformer_jax.data.input_pipeline` -- tf.data train/eval pipelines (the
-  mmseg/NVlabs SegFormer recipe), ``default_data_config()`` documenting every field,
-  ``get_dataset_info``, ``make_train_iterator``, ``make_eval_iterator``.
-* :mod:`segformer_jax.data.sources` -- the datasets: TFDS ``synthetic_shapes``
-  (built in, no download), ``scene_parse150`` (ADE20K), ``cityscapes``,
-  ``oxford_iiit_pet``, and a user ``folder`` of images + masks.
-* :mod:`segformer_jax.data.synthetic_shapes` -- the procedurally generated TFDS
-  dataset used by default.
-* :mod:`segformer_jax.data.folder` -- reader/validator for a folder dataset.
+May import: numpy, PIL, TensorFlow / TFDS (only to feed data), and nothing of segformer_jax outside
+this folder: data never imports jax or the model. Import the modules explicitly; this package
+imports nothing heavy on its own. README.md here documents the batches.
 """

@@ -46,7 +46,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from segformer_jax import palettes
+from segformer_jax.data import palettes
 from segformer_jax.data import folder as folder_lib
 from segformer_jax.data import synthetic_shapes
 

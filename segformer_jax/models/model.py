@@ -8,10 +8,10 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from segformer_jax.config import SegformerConfig
-from segformer_jax.decode_head import DecodeHead
-from segformer_jax.encoder import MixVisionTransformer, check_images
-from segformer_jax.layers import dense_init
+from segformer_jax.models.config import SegformerConfig
+from segformer_jax.models.decode_head import DecodeHead
+from segformer_jax.models.encoder import MixVisionTransformer, check_images
+from segformer_jax.models.layers import dense_init
 
 Dtype = Any
 

@@ -38,7 +38,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from segformer_jax.preprocess import normalize_images
+from segformer_jax.fileio import atomic_write_bytes
+from segformer_jax.models.preprocess import normalize_images
 
 
 # ------------------------------------------------------------------------------------ geometry
@@ -210,10 +211,8 @@ def save_settings(config: InferenceConfig, model_dir: str | os.PathLike) -> str:
     `segformer_jax.predict` segments new images the same way by default."""
     path = os.path.join(os.fspath(model_dir), SETTINGS_NAME)
     settings = {k: getattr(config, k) for k in _SAVED_FIELDS}
-    with open(path + ".tmp", "w") as f:
-        json.dump({k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}, f, indent=2)
-        f.write("\n")
-    os.replace(path + ".tmp", path)   # a reader never sees half a file
+    text = json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}, indent=2)
+    atomic_write_bytes((text + "\n").encode(), path)
     return path
 
 
@@ -241,7 +240,7 @@ class TiledForward:
     def __init__(self, apply_fn: Callable[[Any, Any], Any], variables: Any, batch_size: int = 4,
                  compiler_options: dict | None = None):
         import jax
-        from segformer_jax.decode_head import upsample_bilinear
+        from segformer_jax.models.decode_head import upsample_bilinear
 
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")

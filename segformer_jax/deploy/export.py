@@ -29,7 +29,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from segformer_jax.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from segformer_jax.fileio import atomic_write_bytes
+from segformer_jax.models.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 MIN_SIDE = 32   # smallest image side the network accepts (stage 4 is 1/32)
 SHAPE_SPEC = "b, h, w, 3"
@@ -38,7 +39,7 @@ CONSTRAINTS = (f"h >= {MIN_SIDE}", f"w >= {MIN_SIDE}")
 
 def serving_fn(model, variables, *, uint8_input: bool = False, upsample: bool = False):
     """images -> logits, closing over the variables (they become constants of the artifact)."""
-    from segformer_jax.decode_head import upsample_bilinear
+    from segformer_jax.models.decode_head import upsample_bilinear
     variables = jax.tree_util.tree_map(jnp.asarray, {k: v for k, v in variables.items()
                                                      if k in ("params", "batch_stats")})
 
@@ -80,24 +81,10 @@ def export_stablehlo(model, variables, *, uint8_input: bool = False, upsample: b
         raise
 
 
-def _atomic_write_bytes(data: bytes, path: str) -> None:
-    path = os.path.abspath(os.fspath(path))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_stablehlo(model, variables, path: str | os.PathLike, **kwargs) -> str:
     """Serialise `export_stablehlo(...)` to `path` (bytes of `Exported.serialize()`)."""
     exported = export_stablehlo(model, variables, **kwargs)
-    _atomic_write_bytes(bytes(exported.serialize()), os.fspath(path))
+    atomic_write_bytes(bytes(exported.serialize()), os.fspath(path))
     return os.fspath(path)
 
 
@@ -171,5 +158,5 @@ def export_tflite(saved_model_dir: str | os.PathLike, out_path: str | os.PathLik
         first = next((line for line in str(e).splitlines() if "XlaCallModule" in line or "error" in line.lower()),
                      str(e).splitlines()[0] if str(e) else type(e).__name__)
         raise RuntimeError(f"TFLite conversion failed: {first.strip()}") from e
-    _atomic_write_bytes(data, os.fspath(out_path))
+    atomic_write_bytes(data, os.fspath(out_path))
     return os.fspath(out_path)

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from segformer_jax.config import SegformerConfig
-from segformer_jax.layers import Block, LayerNorm, OverlapPatchEmbed
+from segformer_jax.models.config import SegformerConfig
+from segformer_jax.models.layers import Block, LayerNorm, OverlapPatchEmbed
 
 Dtype = Any
 

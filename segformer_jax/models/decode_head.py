@@ -8,9 +8,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from segformer_jax import kernels
-from segformer_jax.config import SegformerConfig
-from segformer_jax.layers import Dense, conv_init, dense_init
+from segformer_jax.models import kernels
+from segformer_jax.models.config import SegformerConfig
+from segformer_jax.models.layers import Dense, conv_init, dense_init
 
 Dtype = Any
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from segformer_jax import kernels
+from segformer_jax.models import kernels
 
 REDUCTIONS = ("valid", "all")
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from segformer_jax.inference import slide_windows  # mmseg's window grid, shared with predict
-from segformer_jax.kernels import resize_bilinear
+from segformer_jax.models.kernels import resize_bilinear
 
 # Flush the on-device int32 matrix to the host int64 one before 2^31 pixels can have been counted.
 _FLUSH_PIXELS = 2 ** 30

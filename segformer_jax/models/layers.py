@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from segformer_jax import kernels
+from segformer_jax.models import kernels
 
 Dtype = Any
 
