@@ -17,20 +17,29 @@ from segformer_jax.xla_options import DEFAULT_COMPILATION_CACHE, enable_compilat
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(_HERE, "configs", "default.py"),
+    "config",
+    os.path.join(_HERE, "configs", "default.py"),
     "Training config file, optionally with a variant: configs/ade20k.py:b2. Override fields with "
-    "--config.<field>=<value>.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", os.path.join(_HERE, "runs", "default"),
-                               "Directory for checkpoints, logs and the final model (resumed if it exists).")
+    "--config.<field>=<value>.",
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir",
+    os.path.join(_HERE, "runs", "default"),
+    "Directory for checkpoints, logs and the final model (resumed if it exists).",
+)
 _CACHE = flags.DEFINE_string(
-    "compilation_cache", DEFAULT_COMPILATION_CACHE,
-    "Persistent XLA compilation cache ('' = off): a resumed run skips recompiling the same programs.")
+    "compilation_cache",
+    DEFAULT_COMPILATION_CACHE,
+    "Persistent XLA compilation cache ('' = off): a resumed run skips recompiling the same programs.",
+)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from segformer_jax import training
+
     logging.set_verbosity(logging.WARNING)
     enable_compilation_cache(_CACHE.value)
     training.maybe_initialize_distributed(_CONFIG.value)

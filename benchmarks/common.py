@@ -30,6 +30,7 @@ def make_models(variant: str, num_labels: int = 150, seed: int = 0):
     the same weights (through save_pretrained / from_pretrained)."""
     import torch
     import transformers
+
     import segformer_jax
 
     torch.manual_seed(seed)
@@ -84,11 +85,10 @@ def med(ts) -> float:
 
 def run_isolated(script: str, args: list[str], timeout: float = 1800) -> dict:
     """Run `script args` in a fresh Python; it prints one JSON line prefixed with 'RESULT '."""
-    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=timeout,
-                         cwd=ROOT)
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     raise RuntimeError(f"{script} {' '.join(args)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
 
 

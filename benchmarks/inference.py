@@ -43,6 +43,7 @@ def flax_runner(model, variables, x, slide: bool):
     """-> (run() returning numpy logits NCHW, compile seconds)."""
     import jax
     import jax.numpy as jnp
+
     apply = jax.jit(model.apply)
     if not slide:
         xj = jnp.asarray(x)
@@ -63,14 +64,16 @@ def flax_runner(model, variables, x, slide: bool):
         cnt = np.zeros((1, h // 4, w // 4, 1), np.float32)
         for top, left in wins:
             logits = np.asarray(compiled(variables, jax.lax.dynamic_slice(xj, (0, top, left, 0), (b, CROP, CROP, 3))))
-            acc[:, top // 4:(top + CROP) // 4, left // 4:(left + CROP) // 4] += logits
-            cnt[:, top // 4:(top + CROP) // 4, left // 4:(left + CROP) // 4] += 1
+            acc[:, top // 4 : (top + CROP) // 4, left // 4 : (left + CROP) // 4] += logits
+            cnt[:, top // 4 : (top + CROP) // 4, left // 4 : (left + CROP) // 4] += 1
         return (acc / cnt).transpose(0, 3, 1, 2)
+
     return run, compile_s
 
 
 def torch_runner(hf, x, slide: bool, compile_: bool):
     import torch
+
     fwd = torch.compile(hf) if compile_ else hf
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
     b, _, h, w = xt.shape
@@ -82,9 +85,9 @@ def torch_runner(hf, x, slide: bool, compile_: bool):
         acc = torch.zeros((b, hf.config.num_labels, h // 4, w // 4))
         cnt = torch.zeros((1, 1, h // 4, w // 4))
         for top, left in windows(h, w):
-            logits = fwd(pixel_values=xt[:, :, top:top + CROP, left:left + CROP]).logits
-            acc[:, :, top // 4:(top + CROP) // 4, left // 4:(left + CROP) // 4] += logits
-            cnt[:, :, top // 4:(top + CROP) // 4, left // 4:(left + CROP) // 4] += 1
+            logits = fwd(pixel_values=xt[:, :, top : top + CROP, left : left + CROP]).logits
+            acc[:, :, top // 4 : (top + CROP) // 4, left // 4 : (left + CROP) // 4] += logits
+            cnt[:, :, top // 4 : (top + CROP) // 4, left // 4 : (left + CROP) // 4] += 1
         return (acc / cnt).numpy()
 
     t = time.perf_counter()
@@ -100,6 +103,7 @@ def case_input(case: str, batch: int):
 
 def single(args):
     import torch
+
     torch.set_num_threads(os.cpu_count())
     impl, variant, case, batch = args.single.split(",")
     x, slide = case_input(case, int(batch))
@@ -133,12 +137,17 @@ def main():
         return single(args)
 
     import torch
+
     torch.set_num_threads(os.cpu_count())
     rows = []
     for variant in args.variants:
         hf, model, variables = make_models(variant)
-        todo = [(c, b) for c in args.cases for b in (args.batch if c == "512" else [1])
-                if not (c == "slide" and variant != "b0")]
+        todo = [
+            (c, b)
+            for c in args.cases
+            for b in (args.batch if c == "512" else [1])
+            if not (c == "slide" and variant != "b0")
+        ]
         for case, batch in todo:
             x, slide = case_input(case, batch)
             runs, compile_s = {}, {}
@@ -151,8 +160,11 @@ def main():
             per = max(1, int(round(3 / max(batch, 1)))) if args.quick else 5
             times = interleaved(runs, per if not slide else (2 if args.quick else 3))
             label = f"{variant} {'512x512' if case == '512' else '1024x2048 slide'} batch {batch}"
-            print(f"\n{label}: max |logits diff| flax vs torch {diff:.1e}; compile / first call: "
-                  + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()), flush=True)
+            print(
+                f"\n{label}: max |logits diff| flax vs torch {diff:.1e}; compile / first call: "
+                + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()),
+                flush=True,
+            )
             eager = med(times["torch eager"])
             for k, ts in times.items():
                 rss = None
@@ -160,20 +172,40 @@ def main():
                     impl = "flax" if k.startswith("flax") else k
                     rss = run_isolated(__file__, ["--single", f"{impl},{variant},{case},{batch}"])
                 vc = med(ts) / med(times["torch.compile"]) if "torch.compile" in times else None
-                rows.append(dict(label=label, impl=k, median=med(ts), vs_eager=med(ts) / eager, vs_compile=vc,
-                                 compile_s=compile_s[k], rss=rss, diff=diff))
-                print(f"  {k:14s} median {fmt_ms(med(ts))}  x{med(ts) / eager:.2f} eager"
-                      + (f"  x{vc:.2f} torch.compile" if vc else "")
-                      + (f"  peak RSS {rss['peak_rss_mb']:.0f} MB (+{rss['peak_delta_mb']:.0f} over idle)" if rss else ""), flush=True)
+                rows.append(
+                    dict(
+                        label=label,
+                        impl=k,
+                        median=med(ts),
+                        vs_eager=med(ts) / eager,
+                        vs_compile=vc,
+                        compile_s=compile_s[k],
+                        rss=rss,
+                        diff=diff,
+                    )
+                )
+                print(
+                    f"  {k:14s} median {fmt_ms(med(ts))}  x{med(ts) / eager:.2f} eager"
+                    + (f"  x{vc:.2f} torch.compile" if vc else "")
+                    + (
+                        f"  peak RSS {rss['peak_rss_mb']:.0f} MB (+{rss['peak_delta_mb']:.0f} over idle)" if rss else ""
+                    ),
+                    flush=True,
+                )
         del hf, model, variables
         gc.collect()
 
-    print("\n| case | implementation | median | vs eager | vs torch.compile | compile / 1st call | peak RSS (+ over idle) |")
+    print(
+        "\n| case | implementation | median | vs eager | vs torch.compile | compile / 1st call "
+        "| peak RSS (+ over idle) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         vc, rss = fmt_ratio(r["vs_compile"]), fmt_rss(r["rss"])
-        print(f"| {r['label']} | {r['impl']} | {fmt_ms(r['median'])} | {r['vs_eager']:.2f}x | {vc} | "
-              f"{r['compile_s']:.1f} s | {rss} |")
+        print(
+            f"| {r['label']} | {r['impl']} | {fmt_ms(r['median'])} | {r['vs_eager']:.2f}x | {vc} | "
+            f"{r['compile_s']:.1f} s | {rss} |"
+        )
 
 
 if __name__ == "__main__":

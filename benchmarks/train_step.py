@@ -41,6 +41,7 @@ def current_rss_mb() -> float:
 
 def make_batch(batch: int, size: int, num_labels: int, seed: int = 0):
     import numpy as np
+
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
     y = rng.integers(0, num_labels, size=(batch, size, size)).astype(np.int32)
@@ -50,8 +51,12 @@ def make_batch(batch: int, size: int, num_labels: int, seed: int = 0):
 
 def jax_loss(name: str):
     from segformer_jax.models import kernels
-    return {"reference": kernels.cross_entropy_reference, "fused": kernels.upsampled_cross_entropy,
-            "banded": kernels.upsampled_cross_entropy_banded}[name]
+
+    return {
+        "reference": kernels.cross_entropy_reference,
+        "fused": kernels.upsampled_cross_entropy,
+        "banded": kernels.upsampled_cross_entropy_banded,
+    }[name]
 
 
 def make_jax_step(model, variables, spec: str):
@@ -65,14 +70,20 @@ def make_jax_step(model, variables, spec: str):
 
     parts = spec.split(":")
     loss_name, rng_impl = parts[0], parts[1] if len(parts) > 1 else "threefry"
-    model = SegformerForSemanticSegmentation(model.config.replace(remat_blocks="remat" in parts[2:],
-                                                                  scan_blocks="scan" in parts[2:]))
+    model = SegformerForSemanticSegmentation(
+        model.config.replace(remat_blocks="remat" in parts[2:], scan_blocks="scan" in parts[2:])
+    )
     loss_fn_ = jax_loss(loss_name)
     tx = optax.adamw(LR, weight_decay=WD)
 
     def forward(params, batch_stats, x, key):
-        return model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                           rngs={"dropout": key}, mutable=["batch_stats"])
+        return model.apply(
+            {"params": params, "batch_stats": batch_stats},
+            x,
+            train=True,
+            rngs={"dropout": key},
+            mutable=["batch_stats"],
+        )
 
     def step(state, x, y, base_key):
         params, batch_stats, opt_state, i = state
@@ -98,12 +109,16 @@ def make_jax_step(model, variables, spec: str):
         compiled = jstep.lower(state[0], x, y, base_key).compile(compiler_options=train_compiler_options())
         compile_s = time.perf_counter() - t
         m = compiled.memory_analysis()
-        mem = dict(temp_mb=m.temp_size_in_bytes / 2**20, argument_mb=m.argument_size_in_bytes / 2**20,
-                   output_mb=m.output_size_in_bytes / 2**20)
+        mem = dict(
+            temp_mb=m.temp_size_in_bytes / 2**20,
+            argument_mb=m.argument_size_in_bytes / 2**20,
+            output_mb=m.output_size_in_bytes / 2**20,
+        )
 
         def run():
             state[0], loss = compiled(state[0], x, y, base_key)
             return float(loss)
+
         return run, compile_s, mem
 
     return bind
@@ -111,6 +126,7 @@ def make_jax_step(model, variables, spec: str):
 
 def make_torch_step(hf, compile_: bool):
     import torch
+
     model = hf.train()
     fwd = torch.compile(model) if compile_ else model
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
@@ -125,6 +141,7 @@ def make_torch_step(hf, compile_: bool):
             loss.backward()
             opt.step()
             return loss.item()
+
         t = time.perf_counter()
         run()  # first call compiles (torch.compile) / warms up
         return run, time.perf_counter() - t, None
@@ -135,6 +152,7 @@ def make_torch_step(hf, compile_: bool):
 def single(args) -> None:
     """Subprocess mode: one variant, report peak RSS."""
     import torch
+
     torch.set_num_threads(os.cpu_count())
     x, y = make_batch(args.batch[0], args.size, 150)
     hf, model, variables = make_models(args.variants[0])
@@ -151,8 +169,19 @@ def single(args) -> None:
     run, compile_s, mem = bind(x, y)
     for _ in range(args.steps):
         run()
-    print("RESULT " + json.dumps(dict(variant=v, peak_rss_mb=peak_rss_mb(), base_rss_mb=base,
-                                      peak_delta_mb=peak_rss_mb() - base, compile_s=compile_s, xla=mem)))
+    print(
+        "RESULT "
+        + json.dumps(
+            dict(
+                variant=v,
+                peak_rss_mb=peak_rss_mb(),
+                base_rss_mb=base,
+                peak_delta_mb=peak_rss_mb() - base,
+                compile_s=compile_s,
+                xla=mem,
+            )
+        )
+    )
 
 
 def main():
@@ -171,6 +200,7 @@ def main():
         return single(args)
 
     import torch
+
     torch.set_num_threads(os.cpu_count())
     repeats = 3 if args.quick else 7
     rows = []
@@ -182,36 +212,68 @@ def main():
             torch_names = ["torch eager"] + ([] if args.no_compile else ["torch.compile"])
             for name in torch_names:
                 import copy
+
                 runs[name], compile_s[name], _ = make_torch_step(copy.deepcopy(hf), name == "torch.compile")(x, y)
             for spec in args.jax:
-                runs[f"flax {spec}"], compile_s[f"flax {spec}"], mems[f"flax {spec}"] = make_jax_step(model, variables, spec)(x, y)
+                runs[f"flax {spec}"], compile_s[f"flax {spec}"], mems[f"flax {spec}"] = make_jax_step(
+                    model, variables, spec
+                )(x, y)
                 runs[f"flax {spec}"]()  # warm-up
-            print(f"\n{variant} batch {batch} {args.size}x{args.size}: compile/first step: "
-                  + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()), flush=True)
+            print(
+                f"\n{variant} batch {batch} {args.size}x{args.size}: compile/first step: "
+                + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()),
+                flush=True,
+            )
             times = interleaved(runs, repeats)
             eager = med(times["torch eager"])
             for k, ts in times.items():
                 rss = {}
                 if not args.no_rss:
-                    single_args = ["--single", k.replace("flax ", ""), "--variants", variant, "--batch", str(batch),
-                                   "--size", str(args.size)]
+                    single_args = [
+                        "--single",
+                        k.replace("flax ", ""),
+                        "--variants",
+                        variant,
+                        "--batch",
+                        str(batch),
+                        "--size",
+                        str(args.size),
+                    ]
                     rss = run_isolated(__file__, single_args)
-                rows.append(dict(variant=variant, batch=batch, impl=k, median=med(ts), vs_eager=med(ts) / eager,
-                                 vs_compile=(med(ts) / med(times["torch.compile"]) if "torch.compile" in times else None),
-                                 compile_s=compile_s[k], rss=rss, xla=mems.get(k)))
+                rows.append(
+                    dict(
+                        variant=variant,
+                        batch=batch,
+                        impl=k,
+                        median=med(ts),
+                        vs_eager=med(ts) / eager,
+                        vs_compile=(med(ts) / med(times["torch.compile"]) if "torch.compile" in times else None),
+                        compile_s=compile_s[k],
+                        rss=rss,
+                        xla=mems.get(k),
+                    )
+                )
                 r = rows[-1]
-                print(f"  {k:28s} median {fmt_ms(r['median'])}  x{r['vs_eager']:.2f} eager"
-                      + (f"  x{r['vs_compile']:.2f} compile" if r["vs_compile"] else "")
-                      + (f"  peak RSS {rss['peak_rss_mb']:.0f} MB (+{rss['peak_delta_mb']:.0f} over idle)" if rss else "")
-                      + (f"  XLA temp {r['xla']['temp_mb']:.0f} MB" if r["xla"] else ""), flush=True)
+                print(
+                    f"  {k:28s} median {fmt_ms(r['median'])}  x{r['vs_eager']:.2f} eager"
+                    + (f"  x{r['vs_compile']:.2f} compile" if r["vs_compile"] else "")
+                    + (f"  peak RSS {rss['peak_rss_mb']:.0f} MB (+{rss['peak_delta_mb']:.0f} over idle)" if rss else "")
+                    + (f"  XLA temp {r['xla']['temp_mb']:.0f} MB" if r["xla"] else ""),
+                    flush=True,
+                )
 
-    print("\n| model | batch | implementation | step (median) | vs eager | vs torch.compile | compile / 1st step | peak RSS (+ over idle) | XLA temp |")
+    print(
+        "\n| model | batch | implementation | step (median) | vs eager | vs torch.compile | compile / 1st step "
+        "| peak RSS (+ over idle) | XLA temp |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         vc, rss = fmt_ratio(r["vs_compile"]), fmt_rss(r["rss"])
         xla = f"{r['xla']['temp_mb']:.0f} MB" if r["xla"] else "-"
-        print(f"| {r['variant']} | {r['batch']} | {r['impl']} | {fmt_ms(r['median'])} | {r['vs_eager']:.2f}x | {vc} | "
-              f"{r['compile_s']:.1f} s | {rss} | {xla} |")
+        print(
+            f"| {r['variant']} | {r['batch']} | {r['impl']} | {fmt_ms(r['median'])} | {r['vs_eager']:.2f}x | {vc} | "
+            f"{r['compile_s']:.1f} s | {rss} | {xla} |"
+        )
 
 
 if __name__ == "__main__":

@@ -10,12 +10,13 @@ from segformer_jax.training import recipes as common
 
 def get_config(arg=None):
     from segformer_jax.data import input_pipeline
+
     variant = common.parse_variant(arg, "b0")
-    data = input_pipeline.dataset_preset("cityscapes")   # crop (1024, 1024), scale (2048, 1024)
+    data = input_pipeline.dataset_preset("cityscapes")  # crop (1024, 1024), scale (2048, 1024)
     config = common.paper_recipe(variant, data)
-    config.batch_size = 8                  # NVlabs cityscapes configs: samples_per_gpu=1 on 8 GPUs
-    config.eval.mode = "slide"             # mmseg test_cfg mode='slide'
-    config.eval.crop_size = (1024, 1024)   # slide window (h, w)
-    config.eval.stride = (768, 768)        # slide stride (h, w)
-    config.eval.batch_size = 8             # images per eval batch (global)
+    config.batch_size = 8  # NVlabs cityscapes configs: samples_per_gpu=1 on 8 GPUs
+    config.eval.mode = "slide"  # mmseg test_cfg mode='slide'
+    config.eval.crop_size = (1024, 1024)  # slide window (h, w)
+    config.eval.stride = (768, 768)  # slide stride (h, w)
+    config.eval.batch_size = 8  # images per eval batch (global)
     return config

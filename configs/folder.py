@@ -10,11 +10,12 @@ from segformer_jax.training import recipes as common
 
 def get_config(arg=None):
     from segformer_jax.data import input_pipeline
+
     variant = common.parse_variant(arg, "b0")
-    data = input_pipeline.dataset_preset("folder")   # crop 512, scale (2048, 512); set data.folder
+    data = input_pipeline.dataset_preset("folder")  # crop 512, scale (2048, 512); set data.folder
     config = common.paper_recipe(variant, data)
-    config.total_steps = 40_000            # optimiser updates; scale with your dataset size
-    config.batch_size = 8                  # global batch
-    config.eval.every_steps = 4000         # evaluate (and checkpoint with mIoU) every this many updates
-    config.checkpoint.every_steps = 2000   # checkpoint every this many updates
+    config.total_steps = 40_000  # optimiser updates; scale with your dataset size
+    config.batch_size = 8  # global batch
+    config.eval.every_steps = 4000  # evaluate (and checkpoint with mIoU) every this many updates
+    config.checkpoint.every_steps = 2000  # checkpoint every this many updates
     return config

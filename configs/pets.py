@@ -9,12 +9,13 @@ from segformer_jax.training import recipes as common
 
 def get_config(arg=None):
     from segformer_jax.data import input_pipeline
+
     variant = common.parse_variant(arg, "b0")
     data = input_pipeline.dataset_preset("oxford_iiit_pet")
     config = common.paper_recipe(variant, data)
-    config.total_steps = 20_000            # ~43 epochs of the 3,680 train images at batch 8
-    config.batch_size = 8                  # global batch
-    config.optimizer.warmup_steps = 500    # shorter schedule, shorter warmup
-    config.eval.every_steps = 2000         # evaluate (and checkpoint with mIoU) every this many updates
-    config.checkpoint.every_steps = 1000   # checkpoint every this many updates
+    config.total_steps = 20_000  # ~43 epochs of the 3,680 train images at batch 8
+    config.batch_size = 8  # global batch
+    config.optimizer.warmup_steps = 500  # shorter schedule, shorter warmup
+    config.eval.every_steps = 2000  # evaluate (and checkpoint with mIoU) every this many updates
+    config.checkpoint.every_steps = 1000  # checkpoint every this many updates
     return config

@@ -20,9 +20,10 @@ import numpy as np
 from PIL import Image
 
 import segformer_jax as sj
-from segformer_jax import inference, predict as P
-from segformer_jax.deploy import quantize as Q
+from segformer_jax import inference
+from segformer_jax import predict as P
 from segformer_jax.data.synthetic_shapes import generate_example
+from segformer_jax.deploy import quantize as Q
 
 
 def miou(preds, labels, num_classes):
@@ -71,9 +72,14 @@ def main():
     t = time.perf_counter()
     result = P.predict([img_dir], model, os.path.join(work, "out"), forward=forward, config=cfg, progress=False)
     total = time.perf_counter() - t
-    out["predict"] = {"images": args.images, "distinct_sizes": len(set(sizes)),
-                      "buckets": sorted(inference.tile_shapes(sizes, cfg)), "compilations": result.compilations,
-                      "failed": len(result.failed), "seconds_total": round(total, 1)}
+    out["predict"] = {
+        "images": args.images,
+        "distinct_sizes": len(set(sizes)),
+        "buckets": sorted(inference.tile_shapes(sizes, cfg)),
+        "compilations": result.compilations,
+        "failed": len(result.failed),
+        "seconds_total": round(total, 1),
+    }
     t = time.perf_counter()
     result2 = P.predict([img_dir], model, os.path.join(work, "out2"), forward=forward, config=cfg, progress=False)
     out["predict"]["seconds_second_run_no_compile"] = round(time.perf_counter() - t, 1)
@@ -86,9 +92,11 @@ def main():
     qvars = Q.quantize_variables(variables)
     q_dir = Q.save_quantized(model, qvars, os.path.join(work, "int8"))
     model_q, qvars = Q.load_quantized(q_dir)
-    sizes_q = {"f32_safetensors_bytes": Q.checkpoint_bytes(os.path.join(f32_dir, "model.safetensors")),
-               "f32_orbax_dir_bytes": Q.checkpoint_bytes(os.path.join(flax_dir, "flax_variables")),
-               "int8_safetensors_bytes": Q.checkpoint_bytes(os.path.join(q_dir, Q.QUANTIZED_WEIGHTS_NAME))}
+    sizes_q = {
+        "f32_safetensors_bytes": Q.checkpoint_bytes(os.path.join(f32_dir, "model.safetensors")),
+        "f32_orbax_dir_bytes": Q.checkpoint_bytes(os.path.join(flax_dir, "flax_variables")),
+        "int8_safetensors_bytes": Q.checkpoint_bytes(os.path.join(q_dir, Q.QUANTIZED_WEIGHTS_NAME)),
+    }
     sizes_q["ratio_vs_safetensors"] = round(sizes_q["f32_safetensors_bytes"] / sizes_q["int8_safetensors_bytes"], 2)
 
     erng = np.random.default_rng(1234)
@@ -98,20 +106,25 @@ def main():
     f32_fn = jax.jit(model.apply)
     q_fn = jax.jit(Q.quantized_apply(model_q))
     from segformer_jax.models.decode_head import upsample_bilinear
-    up = jax.jit(lambda l: upsample_bilinear(l, (128, 128)).argmax(-1))
+
+    up = jax.jit(lambda logits: upsample_bilinear(logits, (128, 128)).argmax(-1))
     pf, pq = [], []
     for s in range(0, len(images), 8):
-        pf += list(np.asarray(up(f32_fn(variables, images[s:s + 8]))))
-        pq += list(np.asarray(up(q_fn(qvars, images[s:s + 8]))))
+        pf += list(np.asarray(up(f32_fn(variables, images[s : s + 8]))))
+        pq += list(np.asarray(up(q_fn(qvars, images[s : s + 8]))))
     agreement = float(np.mean([np.mean(a == b) for a, b in zip(pf, pq)]))
     m_f, m_q = miou(pf, labels, n), miou(pq, labels, n)
     batch = images[:8]
-    out["quantization"] = {**sizes_q, "pixel_argmax_agreement": round(agreement, 5),
-                           "mIoU_f32": round(m_f, 4), "mIoU_int8": round(m_q, 4),
-                           "mIoU_delta_points": round(100 * (m_q - m_f), 3),
-                           "eval_images": args.eval,
-                           "ms_per_batch8_128px_f32": round(1000 * timeit(f32_fn, variables, batch), 1),
-                           "ms_per_batch8_128px_int8": round(1000 * timeit(q_fn, qvars, batch), 1)}
+    out["quantization"] = {
+        **sizes_q,
+        "pixel_argmax_agreement": round(agreement, 5),
+        "mIoU_f32": round(m_f, 4),
+        "mIoU_int8": round(m_q, 4),
+        "mIoU_delta_points": round(100 * (m_q - m_f), 3),
+        "eval_images": args.eval,
+        "ms_per_batch8_128px_f32": round(1000 * timeit(f32_fn, variables, batch), 1),
+        "ms_per_batch8_128px_int8": round(1000 * timeit(q_fn, qvars, batch), 1),
+    }
     print(json.dumps(out, indent=1), flush=True)
 
 

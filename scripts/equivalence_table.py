@@ -15,9 +15,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from reference import build_reference, images, max_abs_diff, to_flax, to_nhwc  # noqa: E402
 
 import segformer_jax as sj  # noqa: E402
-from reference import build_reference, images, max_abs_diff, to_flax, to_nhwc  # noqa: E402
 
 
 def main():
@@ -31,8 +31,14 @@ def main():
     print("|---|---|---|---|---|")
     for variant in args.variants:
         cfg = sj.SegformerConfig.preset(variant, num_labels=args.num_labels)
-        ref = build_reference(num_labels=args.num_labels, seed=0, image_size=(h, w), hidden_sizes=cfg.hidden_sizes,
-                              depths=cfg.depths, decoder_hidden_size=cfg.decoder_hidden_size)
+        ref = build_reference(
+            num_labels=args.num_labels,
+            seed=0,
+            image_size=(h, w),
+            hidden_sizes=cfg.hidden_sizes,
+            depths=cfg.depths,
+            decoder_hidden_size=cfg.decoder_hidden_size,
+        )
         x = images(1, h, w, seed=1)
         with torch.no_grad():
             want = to_nhwc(ref(torch.from_numpy(x.transpose(0, 3, 1, 2))).logits)

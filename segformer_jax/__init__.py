@@ -24,15 +24,23 @@ from segformer_jax.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, normali
 _moved.install()
 
 __all__ = [
-    "VARIANTS", "ConfigError", "SegformerConfig",
-    "SegformerModel", "SegformerForSemanticSegmentation", "SegformerForImageClassification",
-    "IMAGENET_MEAN", "IMAGENET_STD", "normalize_images",
-    "from_pretrained", "save_pretrained",
+    "VARIANTS",
+    "ConfigError",
+    "SegformerConfig",
+    "SegformerModel",
+    "SegformerForSemanticSegmentation",
+    "SegformerForImageClassification",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "normalize_images",
+    "from_pretrained",
+    "save_pretrained",
 ]
 
 
 def __getattr__(name):  # pretrained I/O pulls in orbax/safetensors: import it on first use
     if name in ("from_pretrained", "save_pretrained"):
         from segformer_jax import pretrained
+
         return getattr(pretrained, name)
     raise AttributeError(f"module 'segformer_jax' has no attribute {name!r}")

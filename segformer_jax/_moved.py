@@ -36,13 +36,15 @@ def _warn(old: str, new: str) -> None:
     # Point the warning at the importing code. warnings.warn's stacklevel does not count importlib's
     # frames (it skips them itself), so only this file's frames are counted here.
     level, frame = 1, sys._getframe(0)
-    while frame is not None and (frame.f_code.co_filename.startswith("<frozen importlib")
-                                 or frame.f_code.co_filename == __file__):
+    while frame is not None and (
+        frame.f_code.co_filename.startswith("<frozen importlib") or frame.f_code.co_filename == __file__
+    ):
         if frame.f_code.co_filename == __file__:
             level += 1
         frame = frame.f_back
-    warnings.warn(f"{old} moved to {new}; the old path is removed in segformer-jax 0.3", DeprecationWarning,
-                  stacklevel=level)
+    warnings.warn(
+        f"{old} moved to {new}; the old path is removed in segformer-jax 0.3", DeprecationWarning, stacklevel=level
+    )
 
 
 class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -59,7 +61,7 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return module
 
     def exec_module(self, module):
-        module.__spec__ = self._real_spec   # the import system set the alias' spec; the module keeps its own
+        module.__spec__ = self._real_spec  # the import system set the alias' spec; the module keeps its own
 
 
 _FINDER = _Alias()
@@ -72,6 +74,7 @@ def install() -> None:
 
 def forward_module_attributes(old: str, new: str):
     """A module `__getattr__` for a module that stays (a CLI) but whose API moved to `new`."""
+
     def __getattr__(name: str):
         if name.startswith("__"):
             raise AttributeError(name)
@@ -80,4 +83,5 @@ def forward_module_attributes(old: str, new: str):
             raise AttributeError(f"module {old!r} has no attribute {name!r}")
         _warn(f"{old}.{name}", f"{new}.{name}")
         return getattr(target, name)
+
     return __getattr__

@@ -36,20 +36,31 @@ from ml_collections import config_flags
 from segformer_jax.xla_options import DEFAULT_COMPILATION_CACHE, enable_compilation_cache
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file (as for train.py), e.g. configs/ade20k.py:b2; its data and eval fields are used. "
-    "Default for a training workdir: the config it was trained with (<workdir>/config.json).")
+    "config",
+    None,
+    "Config file (as for train.py), e.g. configs/ade20k.py:b2; its data and eval fields are used. "
+    "Default for a training workdir: the config it was trained with (<workdir>/config.json).",
+)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, its checkpoints/ dir, or a model dir.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of a workdir (default: latest).")
 _BEST = flags.DEFINE_bool("best", False, "Use the workdir checkpoint with the best recorded mIoU.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results (per-class table included) to this JSON file.")
-_PROTOCOL = flags.DEFINE_enum("protocol", "original", ["original", "resized"],
-                              "original: mmseg's test procedure, scored at each image's original size; resized: "
-                              "train.py's on-device evaluation at the eval scale.")
-_RATIOS = flags.DEFINE_list("ratios", ["1"], "Multi-scale test ratios (protocol original), e.g. 0.5,0.75,1,1.25,1.5,1.75.")
+_PROTOCOL = flags.DEFINE_enum(
+    "protocol",
+    "original",
+    ["original", "resized"],
+    "original: mmseg's test procedure, scored at each image's original size; resized: "
+    "train.py's on-device evaluation at the eval scale.",
+)
+_RATIOS = flags.DEFINE_list(
+    "ratios", ["1"], "Multi-scale test ratios (protocol original), e.g. 0.5,0.75,1,1.25,1.5,1.75."
+)
 _FLIP = flags.DEFINE_bool("flip", False, "Also segment the mirrored images (protocol original).")
 _CACHE = flags.DEFINE_string(
-    "compilation_cache", DEFAULT_COMPILATION_CACHE,
-    "Persistent XLA compilation cache ('' = off): a rerun with the same model and sizes skips compiling.")
+    "compilation_cache",
+    DEFAULT_COMPILATION_CACHE,
+    "Persistent XLA compilation cache ('' = off): a rerun with the same model and sizes skips compiling.",
+)
 
 
 class EvaluationError(RuntimeError):
@@ -58,6 +69,7 @@ class EvaluationError(RuntimeError):
 
 def _checkpoint_dir(path: str) -> str | None:
     from segformer_jax.training import CHECKPOINT_DIR
+
     if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
         return os.path.join(path, CHECKPOINT_DIR)
     if os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path)):
@@ -79,12 +91,14 @@ def load_model(path: str, *, step: int | None = None, best: bool = False):
         raise EvaluationError(f"{path} does not exist")
     if os.path.isfile(os.path.join(path, "config.json")) and _checkpoint_dir(path) is None:
         from segformer_jax.pretrained import from_pretrained
+
         model, variables = from_pretrained(path)
         return model, variables, path
     ckpt_dir = _checkpoint_dir(path)
     if ckpt_dir is None:
-        raise EvaluationError(f"{path} is neither a training workdir (with checkpoints/) nor a model directory "
-                              "(with config.json)")
+        raise EvaluationError(
+            f"{path} is neither a training workdir (with checkpoints/) nor a model directory (with config.json)"
+        )
     options = ocp.CheckpointManagerOptions(read_only=True)
     with ocp.CheckpointManager(ckpt_dir, options=options) as manager:
         steps = sorted(manager.all_steps())
@@ -105,7 +119,8 @@ def load_model(path: str, *, step: int | None = None, best: bool = False):
             raise EvaluationError(f"no checkpoint at step {step} in {ckpt_dir}; available: {steps}")
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     from segformer_jax.training import restore_state_here
-    state = restore_state_here(os.path.join(ckpt_dir, str(step)))   # also checkpoints of multi-host runs
+
+    state = restore_state_here(os.path.join(ckpt_dir, str(step)))  # also checkpoints of multi-host runs
     config = SegformerConfig.from_hf_dict(meta["model_config"], source=f"{ckpt_dir}/{step}")
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[meta.get("model_dtype", "float32")]
     model = SegformerForSemanticSegmentation(config, dtype=dtype)
@@ -117,31 +132,37 @@ def evaluate_model(config, model, variables, *, protocol: str = "original", rati
     """Runs the eval split of `config.data` with `config.eval` settings; returns the results dict:
     `segformer_jax.evaluation.metrics.segmentation_metrics`, "protocol", and "confusion_matrix" (K x K pixel counts,
     rows = ground truth, columns = prediction)."""
-    from segformer_jax.evaluation import metrics
     from segformer_jax.data import input_pipeline
+    from segformer_jax.evaluation import metrics
 
     info = input_pipeline.get_dataset_info(config.data)
     if model.config.num_labels != info.num_classes:
-        raise EvaluationError(f"the model predicts {model.config.num_labels} classes, the dataset "
-                              f"{info.name} has {info.num_classes}")
+        raise EvaluationError(
+            f"the model predicts {model.config.num_labels} classes, the dataset {info.name} has {info.num_classes}"
+        )
     if protocol == "original":
         matrix = confusion_at_original_size(config, model, variables, info, ratios=ratios, flip=flip)
     elif protocol == "resized":
         if tuple(float(r) for r in ratios) != (1.0,) or flip:
-            raise EvaluationError("multi-scale / flip test-time augmentation (--ratios, --flip) needs "
-                                  "--protocol original")
+            raise EvaluationError(
+                "multi-scale / flip test-time augmentation (--ratios, --flip) needs --protocol original"
+            )
         matrix = confusion_at_resized_size(config, model, variables, info)
     else:
         raise EvaluationError(f"protocol={protocol!r}; choose 'original' or 'resized'")
-    return {"protocol": protocol, **metrics.segmentation_metrics(matrix, info.class_names),
-            "confusion_matrix": matrix.tolist()}
+    return {
+        "protocol": protocol,
+        **metrics.segmentation_metrics(matrix, info.class_names),
+        "confusion_matrix": matrix.tolist(),
+    }
 
 
 def confusion_at_resized_size(config, model, variables, info):
     """train.py's evaluation: fixed-shape batches on device, scored at the eval scale. -> (K, K) int64."""
     import jax
     import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from segformer_jax import training
     from segformer_jax.data import input_pipeline
@@ -151,19 +172,34 @@ def confusion_at_resized_size(config, model, variables, info):
     # Every process holds the whole model: its local copy becomes the replicated global array (a
     # device_put of a local array onto a multi-process mesh would be a cross-host transfer).
     variables = jax.tree_util.tree_map(
-        lambda v: jax.make_array_from_process_local_data(replicated, np.asarray(v)), variables)
-    eval_step = jax.jit(training.make_eval_step(model, config, info.num_classes, int(info.ignore_index)),
-                        in_shardings=(replicated, batch_sharding), out_shardings=(replicated, batch_sharding))
-    batches = input_pipeline.make_eval_iterator(config.data, int(config.eval.batch_size) // jax.process_count(),
-                                                process_index=jax.process_index(), process_count=jax.process_count())
-    matrix, _ = training.confusion_over_batches(variables, batches, eval_step, num_classes=info.num_classes,
-                                                batch_sharding=batch_sharding, progress=bool(config.progress_bar))
+        lambda v: jax.make_array_from_process_local_data(replicated, np.asarray(v)), variables
+    )
+    eval_step = jax.jit(
+        training.make_eval_step(model, config, info.num_classes, int(info.ignore_index)),
+        in_shardings=(replicated, batch_sharding),
+        out_shardings=(replicated, batch_sharding),
+    )
+    batches = input_pipeline.make_eval_iterator(
+        config.data,
+        int(config.eval.batch_size) // jax.process_count(),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    matrix, _ = training.confusion_over_batches(
+        variables,
+        batches,
+        eval_step,
+        num_classes=info.num_classes,
+        batch_sharding=batch_sharding,
+        progress=bool(config.progress_bar),
+    )
     return matrix
 
 
 def inference_config(config, *, ratios=(1.0,), flip: bool = False):
     """`segformer_jax.inference.config_from_training`, with its errors as EvaluationError."""
     from segformer_jax.inference import config_from_training
+
     try:
         return config_from_training(config, ratios=ratios, flip=flip)
     except ValueError as err:
@@ -184,21 +220,25 @@ def confusion_at_original_size(config, model, variables, info, *, ratios=(1.0,),
     group = max(1, int(config.eval.batch_size) // jax.process_count())
     forward = inference.TiledForward.from_model(model, variables, batch_size=group)
     examples, n = input_pipeline.make_original_eval_dataset(
-        config.data, process_index=jax.process_index(), process_count=jax.process_count())
+        config.data, process_index=jax.process_index(), process_count=jax.process_count()
+    )
     k, ignore = info.num_classes, int(info.ignore_index)
     matrix = np.zeros((k, k), np.int64)
     bar = None
     if config.progress_bar and jax.process_index() == 0:
         from tqdm.auto import tqdm
+
         bar = tqdm(total=n, desc="eval", leave=False, dynamic_ncols=True)
 
     def score(images, labels):
         nonlocal matrix
         for image, label in zip(images, labels):
             if label.shape != image.shape[:2]:
-                raise EvaluationError(f"{info.name}: a validation label of {label.shape[0]}x{label.shape[1]} pixels "
-                                      f"belongs to an image of {image.shape[0]}x{image.shape[1]}; image and mask "
-                                      "must have the same size")
+                raise EvaluationError(
+                    f"{info.name}: a validation label of {label.shape[0]}x{label.shape[1]} pixels "
+                    f"belongs to an image of {image.shape[0]}x{image.shape[1]}; image and mask "
+                    "must have the same size"
+                )
         for prediction, label in zip(inference.segment_batch(forward, images, cfg, labels=True), labels):
             matrix += label_confusion(label, prediction, k, ignore)
         if bar is not None:
@@ -226,7 +266,7 @@ def _sum_over_processes(matrix):
     import numpy as np
     from jax.experimental import multihost_utils
 
-    low, high = (matrix & (2 ** 31 - 1)).astype(np.int32), (matrix >> 31).astype(np.int32)
+    low, high = (matrix & (2**31 - 1)).astype(np.int32), (matrix >> 31).astype(np.int32)
     low, high = (np.asarray(multihost_utils.process_allgather(x), np.int64).sum(axis=0) for x in (low, high))
     return (high << 31) + low
 
@@ -259,17 +299,20 @@ def main(argv):
         raise app.UsageError("--ratios and --flip (test-time augmentation) need --protocol original")
     import jax
 
-    from segformer_jax.evaluation import metrics
     from segformer_jax import training
     from segformer_jax.data.sources import DataNotFoundError
+    from segformer_jax.evaluation import metrics
+
     config = _CONFIG.value
     if config is None:
         ckpt_dir = _checkpoint_dir(os.path.abspath(_CHECKPOINT.value))
         if ckpt_dir is None:
-            raise app.UsageError(f"--checkpoint={_CHECKPOINT.value} is not a train.py workdir: pass --config "
-                                 "(e.g. configs/ade20k.py:b2) for the data and eval settings")
+            raise app.UsageError(
+                f"--checkpoint={_CHECKPOINT.value} is not a train.py workdir: pass --config "
+                "(e.g. configs/ade20k.py:b2) for the data and eval settings"
+            )
         try:
-            config = training.read_config(os.path.dirname(ckpt_dir))   # the workdir holding checkpoints/
+            config = training.read_config(os.path.dirname(ckpt_dir))  # the workdir holding checkpoints/
         except training.TrainingError as err:
             raise app.UsageError(str(err)) from None
     logging.set_verbosity(logging.WARNING)
@@ -277,17 +320,18 @@ def main(argv):
     training.maybe_initialize_distributed(config)
     try:
         model, variables, source = load_model(_CHECKPOINT.value, step=_STEP.value, best=_BEST.value)
-        results = evaluate_model(config, model, variables, protocol=_PROTOCOL.value, ratios=ratios,
-                                 flip=_FLIP.value)
+        results = evaluate_model(config, model, variables, protocol=_PROTOCOL.value, ratios=ratios, flip=_FLIP.value)
     except (EvaluationError, DataNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    if jax.process_index() != 0:      # every process computed the same results; one reports them
+    if jax.process_index() != 0:  # every process computed the same results; one reports them
         return
-    tta = f", ratios {','.join(f'{r:g}' for r in ratios)}{' + flip' if _FLIP.value else ''}" \
-        if _PROTOCOL.value == "original" else ""
-    print(f"{source} on {config.data.name} ({config.eval.mode} inference, "
-          f"scored at the {_PROTOCOL.value} size{tta}):")
+    tta = (
+        f", ratios {','.join(f'{r:g}' for r in ratios)}{' + flip' if _FLIP.value else ''}"
+        if _PROTOCOL.value == "original"
+        else ""
+    )
+    print(f"{source} on {config.data.name} ({config.eval.mode} inference, scored at the {_PROTOCOL.value} size{tta}):")
     print(metrics.format_table(results))
     if _OUTPUT.value:
         metrics.save_json({"checkpoint": source, **results}, _OUTPUT.value)

@@ -9,11 +9,12 @@ import contextlib
 import os
 import shutil
 import tempfile
-from typing import BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import BinaryIO
 
 
 def _umask() -> int:
-    mask = os.umask(0)   # the only way to read it; set straight back
+    mask = os.umask(0)  # the only way to read it; set straight back
     os.umask(mask)
     return mask
 

@@ -23,7 +23,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -55,13 +55,16 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[str]:
     for item in inputs:
         item = os.fspath(item)
         if os.path.isdir(item):
-            found = sorted(os.path.join(item, f) for f in os.listdir(item)
-                           if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(item, f)))
+            found = sorted(
+                os.path.join(item, f)
+                for f in os.listdir(item)
+                if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(item, f))
+            )
             if not found:
                 problems.append(f"{item}: folder has no image files ({', '.join(IMAGE_EXTENSIONS)})")
             files += found
         elif os.path.isfile(item):
-            files.append(item)                       # given explicitly: tried whatever its extension
+            files.append(item)  # given explicitly: tried whatever its extension
         elif glob.has_magic(item):
             found = sorted(f for f in glob.glob(item) if os.path.isfile(f))
             if not found:
@@ -84,6 +87,7 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[str]:
 
 def _open(path: str):
     from PIL import Image, UnidentifiedImageError
+
     try:
         return Image.open(path)
     except UnidentifiedImageError:
@@ -142,6 +146,7 @@ def check_output_dir(out_dir: str) -> str:
 
 def _save_png_atomic(array: np.ndarray, path: str) -> None:
     from PIL import Image
+
     with atomic_file(path) as f:
         if array.dtype == np.uint16:
             Image.fromarray(array.astype(np.uint16)).save(f, format="PNG")  # mode I;16
@@ -166,10 +171,12 @@ def load_model(path: str | os.PathLike):
     """-> (model, apply_fn, variables) from a from_pretrained directory or an int8 checkpoint
     written by `segformer_jax.deploy.quantize.save_quantized`."""
     from segformer_jax.deploy import quantize
+
     if quantize.is_quantized(path):
         model, qvariables = quantize.load_quantized(path)
         return model, quantize.quantized_apply(model), qvariables
     from segformer_jax.pretrained import from_pretrained
+
     model, variables = from_pretrained(path)
     return model, model.apply, variables
 
@@ -177,16 +184,28 @@ def load_model(path: str | os.PathLike):
 @dataclasses.dataclass
 class PredictResult:
     written: list[tuple[str, str, str | None]] = dataclasses.field(default_factory=list)  # (input, labels, overlay)
-    failed: list[tuple[str, str]] = dataclasses.field(default_factory=list)               # (input, message)
-    notes: list[tuple[str, str]] = dataclasses.field(default_factory=list)                # (input, note)
+    failed: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (input, message)
+    notes: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (input, note)
     compilations: int = 0
     seconds: float = 0.0
 
 
-def predict(inputs, model, out_dir, *, variables=None, apply_fn=None, forward: inference.TiledForward | None = None,
-            config: inference.InferenceConfig = inference.InferenceConfig(), batch_size: int = 4,
-            palette: str | np.ndarray | None = "auto", alpha: float = 0.5, overlay: bool = True,
-            progress: bool = True, chunk_images: int = 16) -> PredictResult:
+def predict(
+    inputs,
+    model,
+    out_dir,
+    *,
+    variables=None,
+    apply_fn=None,
+    forward: inference.TiledForward | None = None,
+    config: inference.InferenceConfig = inference.InferenceConfig(),
+    batch_size: int = 4,
+    palette: str | np.ndarray | None = "auto",
+    alpha: float = 0.5,
+    overlay: bool = True,
+    progress: bool = True,
+    chunk_images: int = 16,
+) -> PredictResult:
     """Segment `inputs` (files, folders, globs) and write label PNGs + overlays into `out_dir`.
 
     model: a model directory (from_pretrained / save_pretrained / quantize.save_quantized), or a
@@ -200,10 +219,12 @@ def predict(inputs, model, out_dir, *, variables=None, apply_fn=None, forward: i
     out_dir = check_output_dir(out_dir)
     inside = [f for f in files if os.path.dirname(os.path.realpath(f)) == os.path.realpath(out_dir)]
     if inside:
-        raise OutputError(f"the output folder {out_dir} holds {len(inside)} of the input images "
-                          f"({', '.join(os.path.basename(f) for f in inside[:5])}{', ...' if len(inside) > 5 else ''}): "
-                          "the label maps (NAME.png) would overwrite them, and a rerun would read the outputs as "
-                          "inputs; choose another output folder")
+        raise OutputError(
+            f"the output folder {out_dir} holds {len(inside)} of the input images "
+            f"({', '.join(os.path.basename(f) for f in inside[:5])}{', ...' if len(inside) > 5 else ''}): "
+            "the label maps (NAME.png) would overwrite them, and a rerun would read the outputs as "
+            "inputs; choose another output folder"
+        )
     if isinstance(model, (str, os.PathLike)):
         model, apply_fn, variables = load_model(model)
     elif variables is None and forward is None:
@@ -211,7 +232,9 @@ def predict(inputs, model, out_dir, *, variables=None, apply_fn=None, forward: i
     if forward is None:
         forward = inference.TiledForward(apply_fn or model.apply, variables, batch_size)
     num_labels = model.config.num_labels
-    colours = np.asarray(palette, np.uint8) if isinstance(palette, np.ndarray) else palettes.get_palette(palette, num_labels)
+    colours = (
+        np.asarray(palette, np.uint8) if isinstance(palette, np.ndarray) else palettes.get_palette(palette, num_labels)
+    )
     label_dtype = np.uint8 if num_labels <= 256 else np.uint16
     compilations_before = forward.compilations
     result = PredictResult()
@@ -227,13 +250,15 @@ def predict(inputs, model, out_dir, *, variables=None, apply_fn=None, forward: i
 
     def order(item):
         return sorted(inference.tile_shapes([item[2]], config)), item[0]
+
     sized.sort(key=order)
 
     from tqdm import tqdm
+
     bar = tqdm(total=len(sized), unit="img", disable=not progress, desc="segmenting")
     try:
         for i in range(0, len(sized), chunk_images):
-            chunk = sized[i:i + chunk_images]
+            chunk = sized[i : i + chunk_images]
             images, ok = [], []
             for f, name, _ in chunk:
                 try:
@@ -298,36 +323,57 @@ def _parser() -> argparse.ArgumentParser:
         description="Segment images with a SegFormer: NAME.png (class ids) and NAME_overlay.png per input.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-               "  python -m segformer_jax.predict --model ./b0-ade --output out photos/ '*.jpg'\n"
-               "  python -m segformer_jax.predict --model ./b2-city --output out --mode slide --scale 2048x1024 \\\n"
-               "      --crop 1024x1024 --stride 768x768 city/\n"
-               "  python -m segformer_jax.predict --model ./b0-ade --output out --ratios 0.5,0.75,1,1.25,1.5,1.75 "
-               "--flip x.jpg")
+        "  python -m segformer_jax.predict --model ./b0-ade --output out photos/ '*.jpg'\n"
+        "  python -m segformer_jax.predict --model ./b2-city --output out --mode slide --scale 2048x1024 \\\n"
+        "      --crop 1024x1024 --stride 768x768 city/\n"
+        "  python -m segformer_jax.predict --model ./b0-ade --output out --ratios 0.5,0.75,1,1.25,1.5,1.75 "
+        "--flip x.jpg",
+    )
     p.add_argument("inputs", nargs="+", help="image files, folders, or glob patterns (quote them)")
     p.add_argument("--model", required=True, help="model directory (Hugging Face, save_pretrained, or int8 quantized)")
     p.add_argument("--output", "-o", required=True, help="output folder (created if needed)")
-    p.add_argument("--mode", choices=("whole", "slide"), default=None,
-                   help="default: as the model was evaluated in training (its inference.json), else whole")
-    p.add_argument("--scale", default=None,
-                   help="keep-ratio resize scale LONGxSHORT as mmseg img_scale, e.g. 2048x512 (ADE20K), 2048x1024 "
-                        "(Cityscapes); 'none' keeps the image size. Default: the model's training eval scale "
-                        "(inference.json, written by train.py), else 2048x512")
+    p.add_argument(
+        "--mode",
+        choices=("whole", "slide"),
+        default=None,
+        help="default: as the model was evaluated in training (its inference.json), else whole",
+    )
+    p.add_argument(
+        "--scale",
+        default=None,
+        help="keep-ratio resize scale LONGxSHORT as mmseg img_scale, e.g. 2048x512 (ADE20K), 2048x1024 "
+        "(Cityscapes); 'none' keeps the image size. Default: the model's training eval scale "
+        "(inference.json, written by train.py), else 2048x512",
+    )
     p.add_argument("--ratios", default="1.0", help="multi-scale TTA ratios, e.g. 0.5,0.75,1.0,1.25,1.5,1.75")
     p.add_argument("--flip", action="store_true", help="flip TTA (adds the mirrored image)")
-    p.add_argument("--crop", default=None, help="sliding-window size HxW (mode slide; default: the model's, else 512x512)")
-    p.add_argument("--stride", default=None, help="sliding-window stride HxW (mode slide; default: the model's, else 341x341)")
-    p.add_argument("--size-divisor", type=int, default=None,
-                   help="round resized sizes up to a multiple (NVlabs AlignedResize); 0: no rounding; default: "
-                        "the model's training eval setting, else none")
-    p.add_argument("--bucket", default="32", help="pad tiles to multiples of this (fewer compilations); 'none': exact sizes")
+    p.add_argument(
+        "--crop", default=None, help="sliding-window size HxW (mode slide; default: the model's, else 512x512)"
+    )
+    p.add_argument(
+        "--stride", default=None, help="sliding-window stride HxW (mode slide; default: the model's, else 341x341)"
+    )
+    p.add_argument(
+        "--size-divisor",
+        type=int,
+        default=None,
+        help="round resized sizes up to a multiple (NVlabs AlignedResize); 0: no rounding; default: "
+        "the model's training eval setting, else none",
+    )
+    p.add_argument(
+        "--bucket", default="32", help="pad tiles to multiples of this (fewer compilations); 'none': exact sizes"
+    )
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--palette", default="auto", help="auto | ade20k | cityscapes | generated")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colours")
     p.add_argument("--no-overlay", action="store_true", help="write label maps only")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--compilation-cache", default=xla_options.DEFAULT_COMPILATION_CACHE,
-                   help="persistent XLA compilation cache folder ('' = off): a rerun with the same model and "
-                        "sizes loads its compiled programs instead of compiling them (default %(default)s)")
+    p.add_argument(
+        "--compilation-cache",
+        default=xla_options.DEFAULT_COMPILATION_CACHE,
+        help="persistent XLA compilation cache folder ('' = off): a rerun with the same model and "
+        "sizes loads its compiled programs instead of compiling them (default %(default)s)",
+    )
     return p
 
 
@@ -350,25 +396,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         given = {k: v for k, v in (("mode", args.mode), ("size_divisor", args.size_divisor)) if v is not None}
         for name in ("scale", "crop", "stride"):
             if getattr(args, name) is not None:
-                given[name] = _pair(getattr(args, name), f"--{name}")   # 'none' is a choice, not "unset"
+                given[name] = _pair(getattr(args, name), f"--{name}")  # 'none' is a choice, not "unset"
         saved = inference.load_settings(args.model) if os.path.isdir(args.model) else {}
         from_model = {k: v for k, v in saved.items() if k not in given}
         if from_model:
-            print(f"{args.model}: as evaluated in training ({inference.SETTINGS_NAME}): "
-                  + ", ".join(f"{k} {v}" for k, v in from_model.items()) + "; flags override", file=sys.stderr)
+            print(
+                f"{args.model}: as evaluated in training ({inference.SETTINGS_NAME}): "
+                + ", ".join(f"{k} {v}" for k, v in from_model.items())
+                + "; flags override",
+                file=sys.stderr,
+            )
         settings = {"mode": "whole", "scale": (2048, 512), **from_model, **given}
         config = inference.InferenceConfig(ratios=ratios, flip=args.flip, bucket=bucket, **settings)
     except (ValueError, argparse.ArgumentTypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        result = predict(args.inputs, args.model, args.output, config=config, batch_size=args.batch_size,
-                         palette=args.palette, alpha=args.alpha, overlay=not args.no_overlay, progress=not args.quiet)
+        result = predict(
+            args.inputs,
+            args.model,
+            args.output,
+            config=config,
+            batch_size=args.batch_size,
+            palette=args.palette,
+            alpha=args.alpha,
+            overlay=not args.no_overlay,
+            progress=not args.quiet,
+        )
     except (FileNotFoundError, OutputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{len(result.written)} image(s) segmented into {os.path.abspath(args.output)} in {result.seconds:.1f}s "
-          f"({result.compilations} compilation(s)); {len(result.failed)} failed", file=sys.stderr)
+    print(
+        f"{len(result.written)} image(s) segmented into {os.path.abspath(args.output)} in {result.seconds:.1f}s "
+        f"({result.compilations} compilation(s)); {len(result.failed)} failed",
+        file=sys.stderr,
+    )
     for f, message in result.failed:
         print(f"  failed: {message}" if message.startswith(f) else f"  failed: {f}: {message}", file=sys.stderr)
     return 0 if not result.failed else (1 if result.written else 2)

@@ -1,8 +1,8 @@
 """`from_pretrained` / `save_pretrained`: Hugging Face directories and our own Orbax format.
 
-    model, variables = from_pretrained("path/to/hf_or_flax_dir")
-    save_pretrained(model, variables, "out", format="hf")    # transformers can load it
-    save_pretrained(model, variables, "out", format="flax")  # Orbax + config.json
+model, variables = from_pretrained("path/to/hf_or_flax_dir")
+save_pretrained(model, variables, "out", format="hf")    # transformers can load it
+save_pretrained(model, variables, "out", format="flax")  # Orbax + config.json
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,14 +24,14 @@ from segformer_jax.xla_options import init_compiler_options
 
 logger = logging.getLogger("segformer_jax")
 
-FLAX_WEIGHTS_DIR = "flax_variables"   # Orbax checkpoint inside a directory saved with format="flax"
+FLAX_WEIGHTS_DIR = "flax_variables"  # Orbax checkpoint inside a directory saved with format="flax"
 CONFIG_NAME = "config.json"
 # A train.py workdir: checkpoints/<step>/ while training, the exported model in final/ at the end.
 WORKDIR_CHECKPOINTS, WORKDIR_FINAL = "checkpoints", "final"
 # The int8 weight-only checkpoints of segformer_jax.deploy.quantize: recognised here, to refuse them.
 QUANTIZED_WEIGHTS_NAME = "model-int8.safetensors"
 QUANTIZED_FORMAT = "segformer_jax-int8-weight-only"
-_INIT_SIZE = 64                       # image side used to trace shapes / initialise fresh parts
+_INIT_SIZE = 64  # image side used to trace shapes / initialise fresh parts
 
 
 class QuantizedCheckpointError(ValueError):
@@ -45,6 +46,7 @@ def _quantized_weights_file(path: str) -> str | None:
     if os.path.isfile(path) and path.endswith(".safetensors"):
         try:
             from safetensors import safe_open
+
             with safe_open(path, framework="numpy") as f:
                 meta = f.metadata() or {}
         except Exception:
@@ -83,21 +85,32 @@ def _read_source(path: str, config: SegformerConfig | None):
             f"{path} is an int8 weight-only quantized checkpoint ({QUANTIZED_WEIGHTS_NAME}); it has no "
             "float32 weights. Load it with segformer_jax.deploy.quantize.load_quantized(path) (int8, apply with "
             "quantize.quantized_apply(model)) or load_quantized(path, dequantize=True) for float32 variables; "
-            "`python -m segformer_jax.predict --model` takes it directly.")
-    if os.path.isdir(os.path.join(path, WORKDIR_CHECKPOINTS)) and not os.path.isdir(os.path.join(path, FLAX_WEIGHTS_DIR)):
+            "`python -m segformer_jax.predict --model` takes it directly."
+        )
+    if os.path.isdir(os.path.join(path, WORKDIR_CHECKPOINTS)) and not os.path.isdir(
+        os.path.join(path, FLAX_WEIGHTS_DIR)
+    ):
         final = os.path.join(path, WORKDIR_FINAL)
         raise ConfigError(
             f"{path} is a train.py workdir, not a model directory: "
-            + (f"its trained model is {final}" if os.path.isdir(final) else
-               "it has no final model yet (rerun train.py with the same --workdir to finish training)")
-            + f"; to score a checkpoint: python -m segformer_jax.evaluate --checkpoint {path} --config ...")
+            + (
+                f"its trained model is {final}"
+                if os.path.isdir(final)
+                else "it has no final model yet (rerun train.py with the same --workdir to finish training)"
+            )
+            + f"; to score a checkpoint: python -m segformer_jax.evaluate --checkpoint {path} --config ..."
+        )
     if os.path.isfile(path):
         if os.path.basename(path) == CONFIG_NAME:
-            raise ConfigError(f"{path} is the config file; give the directory that holds it and the weights: "
-                              f"{os.path.dirname(path) or '.'}")
+            raise ConfigError(
+                f"{path} is the config file; give the directory that holds it and the weights: "
+                f"{os.path.dirname(path) or '.'}"
+            )
         if config is None:
-            raise ConfigError(f"{path} is a bare weights file: pass config=SegformerConfig(...) (or a preset), "
-                              "or give the directory that holds it with its config.json")
+            raise ConfigError(
+                f"{path} is a bare weights file: pass config=SegformerConfig(...) (or a preset), "
+                "or give the directory that holds it with its config.json"
+            )
         return config, None, checkpoint_io.load_state_dict(path)
     config_path = os.path.join(path, CONFIG_NAME)
     if config is None:
@@ -149,18 +162,25 @@ def from_pretrained(
 
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: give a Hugging Face model directory (config.json + "
-                                "model.safetensors / pytorch_model.bin) or one written by save_pretrained")
+        raise FileNotFoundError(
+            f"{path} does not exist: give a Hugging Face model directory (config.json + "
+            "model.safetensors / pytorch_model.bin) or one written by save_pretrained"
+        )
     source_config, source_arch, state = _read_source(path, config)
 
     changes = dict(config_overrides)
     from weights_convert import mapping
+
     if (source_format or mapping.detect_format(state.keys())) == "nvlabs" and "layer_norm_eps" not in changes:
         # NVlabs mit_bX were trained with LayerNorm eps 1e-6 (HF's modules use torch's 1e-5).
         from segformer_jax.models.config import NVLABS_LAYER_NORM_EPS
+
         changes["layer_norm_eps"] = NVLABS_LAYER_NORM_EPS
-        logger.info("%s: NVlabs checkpoint, using layer_norm_eps=%g (pass layer_norm_eps=... to override)",
-                    path, NVLABS_LAYER_NORM_EPS)
+        logger.info(
+            "%s: NVlabs checkpoint, using layer_norm_eps=%g (pass layer_norm_eps=... to override)",
+            path,
+            NVLABS_LAYER_NORM_EPS,
+        )
     if id2label is not None:
         changes["id2label"] = {int(k): v for k, v in id2label.items()}
         changes["num_labels"] = len(id2label)
@@ -183,7 +203,7 @@ def from_pretrained(
     skip, ignore_unused, allow_missing = list(reinit), [], []
     labels_changed = target_config.num_labels != source_config.num_labels
     if architecture == "SegformerForSemanticSegmentation":
-        ignore_unused.append(r"^classifier\.")            # an ImageNet head has no use here
+        ignore_unused.append(r"^classifier\.")  # an ImageNet head has no use here
         if not has_decode_head:
             allow_missing.append(r"^(params|batch_stats)/decode_head/")
         elif labels_changed:
@@ -197,14 +217,25 @@ def from_pretrained(
     else:
         ignore_unused.append(r"^(decode_head|classifier)\.")
 
-    loaded, report = torch_state_to_flax(state, variable_shapes(model), source_format=source_format,
-                                         skip_targets=skip, ignore_unused=ignore_unused, allow_missing=allow_missing)
+    loaded, report = torch_state_to_flax(
+        state,
+        variable_shapes(model),
+        source_format=source_format,
+        skip_targets=skip,
+        ignore_unused=ignore_unused,
+        allow_missing=allow_missing,
+    )
     fresh_paths = report["skipped"] + report["missing"]
     if fresh_paths:
-        logger.warning("%s: newly initialised (not in the checkpoint or re-initialised on request), train them "
-                       "before use:\n    %s", path, "\n    ".join(fresh_paths))
+        logger.warning(
+            "%s: newly initialised (not in the checkpoint or re-initialised on request), train them "
+            "before use:\n    %s",
+            path,
+            "\n    ".join(fresh_paths),
+        )
         fresh = init_variables(model, seed)
         from weights_convert.convert import flatten_variables, unflatten_variables
+
         flat = flatten_variables(loaded)
         flat_fresh = flatten_variables(fresh)
         for name in fresh_paths:
@@ -212,26 +243,34 @@ def from_pretrained(
             flat[(collection, p)] = flat_fresh[(collection, p)]
         loaded = unflatten_variables(flat)
     if report["unused"]:
-        logger.warning("%s: checkpoint tensors not used by %s:\n    %s", path, architecture,
-                       "\n    ".join(report["unused"]))
+        logger.warning(
+            "%s: checkpoint tensors not used by %s:\n    %s", path, architecture, "\n    ".join(report["unused"])
+        )
     variables = jax.tree_util.tree_map(jnp.asarray, loaded)
     return model, variables
 
 
 def _check_fits(model, variables) -> None:
     from weights_convert.convert import ConversionError, flatten_variables
+
     want = {k: tuple(v.shape) for k, v in flatten_variables(variable_shapes(model)).items()}
     have = {k: tuple(np.shape(v)) for k, v in flatten_variables(variables).items()}
     problems = [f"{'/'.join(k)}: missing" for k in want.keys() - have.keys()]
     problems += [f"{'/'.join(k)}: not a variable of this model" for k in have.keys() - want.keys()]
-    problems += [f"{'/'.join(k)}: shape {have[k]}, model expects {want[k]}"
-                 for k in want.keys() & have.keys() if have[k] != want[k]]
+    problems += [
+        f"{'/'.join(k)}: shape {have[k]}, model expects {want[k]}"
+        for k in want.keys() & have.keys()
+        if have[k] != want[k]
+    ]
     if problems:
-        raise ConversionError("variables do not fit the model; nothing was written:\n    " + "\n    ".join(sorted(problems)))
+        raise ConversionError(
+            "variables do not fit the model; nothing was written:\n    " + "\n    ".join(sorted(problems))
+        )
 
 
-def save_pretrained(model, variables: Mapping[str, Any], out_dir: str | os.PathLike, format: str = "flax",
-                    *, overwrite: bool = False) -> str:
+def save_pretrained(
+    model, variables: Mapping[str, Any], out_dir: str | os.PathLike, format: str = "flax", *, overwrite: bool = False
+) -> str:
     """Write `model` + `variables` to `out_dir` atomically (all or nothing).
 
     format='flax': config.json + an Orbax checkpoint (`flax_variables/`), read back by from_pretrained.
@@ -252,8 +291,13 @@ def save_pretrained(model, variables: Mapping[str, Any], out_dir: str | os.PathL
             "%s: this model's LayerNorms use eps %g (NVlabs weights); transformers' SegFormer modules always use "
             "%g (they ignore config.layer_norm_eps), so transformers will compute slightly different outputs from "
             "these weights (typically 1e-5 to 1e-3 in the logits). segformer_jax.from_pretrained on this directory "
-            "reads eps %g as well; save with format='flax' to keep %g.", out_dir, model.config.layer_norm_eps,
-            HF_LAYER_NORM_EPS, HF_LAYER_NORM_EPS, model.config.layer_norm_eps)
+            "reads eps %g as well; save with format='flax' to keep %g.",
+            out_dir,
+            model.config.layer_norm_eps,
+            HF_LAYER_NORM_EPS,
+            HF_LAYER_NORM_EPS,
+            model.config.layer_norm_eps,
+        )
     with atomic_directory(out_dir, overwrite=overwrite) as staging:
         if format == "hf":
             checkpoint_io.save_safetensors(flax_to_torch_state(host), os.path.join(staging, "model.safetensors"))
@@ -273,6 +317,8 @@ def _process_local_checkpointer():
     synchronises every process of a multi-host run: save_pretrained called by process 0 only, as
     train.py's final export does, would wait forever for the others.)"""
     import orbax.checkpoint as ocp
+
     me = jax.process_index()
     return ocp.StandardCheckpointer(
-        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
+        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    )

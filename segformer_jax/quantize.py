@@ -28,21 +28,30 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m segformer_jax.quantize",
         description="Write the int8 weight-only checkpoint of a float32 SegFormer: kernels become int8 with one "
-                    "float32 scale per output channel, the rest stays float32 (~4x smaller). Load it with "
-                    "segformer_jax.deploy.quantize.load_quantized, or give it to segformer_jax.predict --model.")
+        "float32 scale per output channel, the rest stays float32 (~4x smaller). Load it with "
+        "segformer_jax.deploy.quantize.load_quantized, or give it to segformer_jax.predict --model.",
+    )
     p.add_argument("model", help="float32 model directory (Hugging Face, save_pretrained, train.py's <workdir>/final)")
     p.add_argument("out_dir", help="output directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
     args = p.parse_args(argv)
     from segformer_jax.pretrained import from_pretrained
+
     try:
         model, variables = from_pretrained(args.model)
         out = save_quantized(model, quantize_variables(variables), args.out_dir, overwrite=args.overwrite)
         from segformer_jax.inference import SETTINGS_NAME
-        if os.path.isfile(os.path.join(args.model, SETTINGS_NAME)):   # predict's defaults travel with the weights
+
+        if os.path.isfile(os.path.join(args.model, SETTINGS_NAME)):  # predict's defaults travel with the weights
             shutil.copyfile(os.path.join(args.model, SETTINGS_NAME), os.path.join(out, SETTINGS_NAME))
-    except (ConfigError, ConversionError, CheckpointFileError, QuantizedCheckpointError, FileNotFoundError,
-            FileExistsError) as e:
+    except (
+        ConfigError,
+        ConversionError,
+        CheckpointFileError,
+        QuantizedCheckpointError,
+        FileNotFoundError,
+        FileExistsError,
+    ) as e:
         print(f"error: {str(e).replace('pass overwrite=True', 'pass --overwrite')}", file=sys.stderr)
         return 2
     before, after = checkpoint_bytes(args.model), checkpoint_bytes(out)

@@ -4,7 +4,8 @@ XLA:CPU (jaxlib 0.10) hands dots, reductions *and* elementwise chains to YNNPACK
 by default. On SegFormer the elementwise ones run slower than XLA's own loop fusions (GELU, the
 LayerNorm and softmax backward passes, the loss): keeping YNNPACK for dots and reductions only made
 the b0 training step 8% faster (2.74 s instead of 2.99 s, batch 2, 512x512, same run; 3.26 -> 2.77 s
-before the attention and LayerNorm VJPs) and its scratch memory 6% smaller (996 vs 1059 MB). Same results: only which kernels run the same HLO changes.
+before the attention and LayerNorm VJPs) and its scratch memory 6% smaller (996 vs 1059 MB). Same results:
+only which kernels run the same HLO changes.
 
 Every option is checked once against the installed XLA; an unknown option is dropped rather than
 failing the compile, so a newer or older jaxlib only loses the speed-up.
@@ -32,8 +33,9 @@ def _supported(backend: str, name: str, value) -> bool:
         jax.jit(lambda x: x + 1, backend=backend).lower(jnp.zeros(2)).compile(compiler_options={name: value})
         return True
     except Exception as e:  # noqa: BLE001 - XLA reports unknown options as a runtime error
-        logger.info("XLA option %s=%r not supported here (%s); compiling without it", name, value,
-                    str(e).splitlines()[0][:200])
+        logger.info(
+            "XLA option %s=%r not supported here (%s); compiling without it", name, value, str(e).splitlines()[0][:200]
+        )
         return False
 
 
@@ -54,8 +56,9 @@ def init_compiler_options(backend: str | None = None) -> dict | None:
     return {"xla_backend_optimization_level": 0} if backend == "cpu" else None
 
 
-DEFAULT_COMPILATION_CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR",
-                                           os.path.expanduser("~/.cache/segformer_jax/xla"))
+DEFAULT_COMPILATION_CACHE = os.environ.get(
+    "JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/segformer_jax/xla")
+)
 
 
 def enable_compilation_cache(path: str | None = DEFAULT_COMPILATION_CACHE, min_compile_seconds: float = 1.0) -> None:

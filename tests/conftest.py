@@ -15,10 +15,12 @@ torch.set_num_threads(2)
 def tiny_reference():
     """A small HF SegFormer (4 stages, sr 8/4/2/1, 7 labels) shared by the block-level tests."""
     import reference
+
     return reference.build_reference(**reference.TINY)
 
 
 @pytest.fixture(scope="session")
 def tiny_flax(tiny_reference):
     import reference
+
     return reference.to_flax(tiny_reference)

@@ -13,8 +13,7 @@ import segformer_jax as sj
 from segformer_jax.pretrained import variable_shapes
 from weights_convert.convert import torch_state_to_flax
 
-TINY = dict(hidden_sizes=(8, 16, 24, 32), depths=(1, 2, 1, 1), num_attention_heads=(1, 2, 3, 4),
-            decoder_hidden_size=16)
+TINY = dict(hidden_sizes=(8, 16, 24, 32), depths=(1, 2, 1, 1), num_attention_heads=(1, 2, 3, 4), decoder_hidden_size=16)
 
 
 def hf_config(num_labels: int = 7, **kwargs) -> transformers.SegformerConfig:
@@ -47,8 +46,14 @@ def scale_logits(model: torch.nn.Module, images_nchw: torch.Tensor, target: floa
     model.train(was_training)
 
 
-def build_reference(cls=transformers.SegformerForSemanticSegmentation, *, num_labels: int = 7, seed: int = 0,
-                    image_size=(64, 64), **config_kwargs) -> torch.nn.Module:
+def build_reference(
+    cls=transformers.SegformerForSemanticSegmentation,
+    *,
+    num_labels: int = 7,
+    seed: int = 0,
+    image_size=(64, 64),
+    **config_kwargs,
+) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = cls(hf_config(num_labels, **config_kwargs)).eval()
     perturb_norms(model, seed)
@@ -87,8 +92,9 @@ def max_abs_diff(a, b) -> float:
 def random_variables(model, seed: int = 0) -> dict:
     """Random weights of order 0.3 for a Flax model (no torch involved), with a valid BatchNorm state."""
     rng = np.random.default_rng(seed)
-    variables = jax.tree_util.tree_map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(s.dtype),
-                                       variable_shapes(model))
+    variables = jax.tree_util.tree_map(
+        lambda s: (0.3 * rng.standard_normal(s.shape)).astype(s.dtype), variable_shapes(model)
+    )
     bn = variables["batch_stats"]["decode_head"]["batch_norm"]
     bn["var"] = np.ones_like(bn["var"])
     bn["num_batches_tracked"] = np.zeros((), np.int32)

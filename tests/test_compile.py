@@ -15,8 +15,13 @@ from segformer_jax import SegformerConfig, SegformerForSemanticSegmentation
 from segformer_jax.models import kernels
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-TINY = dict(hidden_sizes=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_attention_heads=(1, 2, 4, 8),
-            decoder_hidden_size=16, num_labels=5)
+TINY = dict(
+    hidden_sizes=(8, 16, 24, 32),
+    depths=(1, 1, 1, 1),
+    num_attention_heads=(1, 2, 4, 8),
+    decoder_hidden_size=16,
+    num_labels=5,
+)
 
 
 @contextlib.contextmanager
@@ -65,8 +70,13 @@ def test_train_step_compiles_once(tiny):
         params, batch_stats, opt_state, i = state
 
         def loss_fn(p):
-            logits, mut = model.apply({"params": p, "batch_stats": batch_stats}, x, train=True,
-                                      rngs={"dropout": jax.random.fold_in(base_key, i)}, mutable=["batch_stats"])
+            logits, mut = model.apply(
+                {"params": p, "batch_stats": batch_stats},
+                x,
+                train=True,
+                rngs={"dropout": jax.random.fold_in(base_key, i)},
+                mutable=["batch_stats"],
+            )
             return kernels.upsampled_cross_entropy(logits, y), mut["batch_stats"]
 
         (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -95,7 +105,7 @@ def test_train_compiler_options_drop_what_this_xla_does_not_know(monkeypatch):
 
     assert xla_options.train_compiler_options("tpu") is None
     known = xla_options.train_compiler_options("cpu")
-    assert known == xla_options._CPU_OPTIONS   # every option is understood by the pinned jaxlib
+    assert known == xla_options._CPU_OPTIONS  # every option is understood by the pinned jaxlib
     monkeypatch.setitem(xla_options._CPU_OPTIONS, "xla_cpu_no_such_option_anywhere", True)
     assert xla_options.train_compiler_options("cpu") == known
     # and the options compile a real program, with the same result as XLA's defaults

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from reference import TINY, build_reference, images, max_abs_diff, to_flax, to_nhwc
 
 import segformer_jax as sj
-from reference import TINY, build_reference, images, max_abs_diff, to_flax, to_nhwc
 from segformer_jax.models import layers
 from segformer_jax.models.decode_head import DecodeHead
 from segformer_jax.models.encoder import MixVisionTransformer
@@ -79,8 +79,9 @@ def test_block(tiny_reference, tiny_flax):
     with torch.no_grad():
         want = tiny_reference.segformer.stages[1].blocks[0](tokens, h, w).numpy()
     module = layers.Block(16, 2, 4)
-    got = module.apply({"params": variables["params"]["segformer"]["encoder"]["block_1_0"]},
-                       tokens.numpy().reshape(2, h, w, 16))
+    got = module.apply(
+        {"params": variables["params"]["segformer"]["encoder"]["block_1_0"]}, tokens.numpy().reshape(2, h, w, 16)
+    )
     assert max_abs_diff(got.reshape(2, h * w, 16), want) < 1e-5
 
 
@@ -114,8 +115,10 @@ def test_decode_head(tiny_reference, tiny_flax, impl):
         hidden = tiny_reference(x, output_hidden_states=True).hidden_states
         want = tiny_reference.decode_head(hidden)
     head = DecodeHead(model.config.replace(decode_head_impl=impl))
-    got = head.apply({"params": variables["params"]["decode_head"], "batch_stats": variables["batch_stats"]["decode_head"]},
-                     [to_nhwc(h) for h in hidden])
+    got = head.apply(
+        {"params": variables["params"]["decode_head"], "batch_stats": variables["batch_stats"]["decode_head"]},
+        [to_nhwc(h) for h in hidden],
+    )
     assert np.abs(to_nhwc(want)).max() > 3  # logits of order 10, so 1e-4 is a relative 1e-5
     assert max_abs_diff(got, to_nhwc(want)) < ATOL
 
@@ -124,13 +127,22 @@ def test_decode_head(tiny_reference, tiny_flax, impl):
 # Each size with one pair of implementations (concat and fused at two sizes each;
 # phased here at stage-1 width 12, column-phase period 12; the variant tests below run it, as auto, at
 # period 8).
-@pytest.mark.parametrize("size,impl", [((2, 64, 64), IMPLS[0]), ((2, 67, 93), IMPLS[1]),
-                                       ((1, 33, 129), IMPLS[0]), ((1, 100, 35), IMPLS[1]),
-                                       ((2, 40, 48), IMPLS[2])],
-                         ids=lambda v: "x".join(map(str, v)) if isinstance(v[0], int) else "-".join(v))
+@pytest.mark.parametrize(
+    "size,impl",
+    [
+        ((2, 64, 64), IMPLS[0]),
+        ((2, 67, 93), IMPLS[1]),
+        ((1, 33, 129), IMPLS[0]),
+        ((1, 100, 35), IMPLS[1]),
+        ((2, 40, 48), IMPLS[2]),
+    ],
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v[0], int) else "-".join(v),
+)
 def test_logits_any_size(tiny_reference, tiny_flax, size, impl):
     model, variables = tiny_flax
-    model = sj.SegformerForSemanticSegmentation(model.config.replace(depthwise_conv_impl=impl[0], decode_head_impl=impl[1]))
+    model = sj.SegformerForSemanticSegmentation(
+        model.config.replace(depthwise_conv_impl=impl[0], decode_head_impl=impl[1])
+    )
     b, h, w = size
     x = images(b, h, w, seed=h * w)
     with torch.no_grad():
@@ -158,16 +170,25 @@ def test_every_preset(variant):
 
 # Parameter counts of the published models (HF SegformerForSemanticSegmentation, 150 labels, and the
 # ImageNet SegformerForImageClassification, 1000 labels): 3.8M / 13.7M / 27.5M / 47.3M / 64.1M / 84.7M.
-PARAM_COUNTS = {"b0": (3_752_694, 3_576_392), "b1": (13_715_798, 13_664_424), "b2": (27_461_974, 24_709_288),
-                "b3": (47_337_814, 44_585_128), "b4": (64_108_374, 61_355_688), "b5": (84_708_694, 81_956_008)}
+PARAM_COUNTS = {
+    "b0": (3_752_694, 3_576_392),
+    "b1": (13_715_798, 13_664_424),
+    "b2": (27_461_974, 24_709_288),
+    "b3": (47_337_814, 44_585_128),
+    "b4": (64_108_374, 61_355_688),
+    "b5": (84_708_694, 81_956_008),
+}
 
 
 @pytest.mark.parametrize("variant", sorted(PARAM_COUNTS))
 def test_parameter_counts(variant):
     from segformer_jax.pretrained import variable_shapes
+
     seg, cls = PARAM_COUNTS[variant]
-    for model_cls, num_labels, want in [(sj.SegformerForSemanticSegmentation, 150, seg),
-                                        (sj.SegformerForImageClassification, 1000, cls)]:
+    for model_cls, num_labels, want in [
+        (sj.SegformerForSemanticSegmentation, 150, seg),
+        (sj.SegformerForImageClassification, 1000, cls),
+    ]:
         shapes = variable_shapes(model_cls(sj.SegformerConfig.preset(variant, num_labels=num_labels)))
         assert sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes["params"])) == want
 
@@ -184,8 +205,15 @@ def test_image_classification_head():
 # ----------------------------------------------------------------------------- train mode
 def _train_reference():
     """Dropout and drop-path off, so train mode is deterministic: only BatchNorm differs from eval."""
-    return build_reference(num_labels=5, seed=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                           classifier_dropout_prob=0.0, drop_path_rate=0.0, **TINY).train()
+    return build_reference(
+        num_labels=5,
+        seed=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        classifier_dropout_prob=0.0,
+        drop_path_rate=0.0,
+        **TINY,
+    ).train()
 
 
 def test_train_mode_outputs_and_batch_norm_statistics():
@@ -230,6 +258,7 @@ def test_loss_and_gradients_of_every_parameter():
     assert abs(float(loss) - out.loss.item()) <= 1e-5 * abs(out.loss.item())
     from weights_convert.convert import flax_to_torch_state
     from weights_convert.mapping import normalize_hf
+
     flax_grads = flax_to_torch_state({"params": grads})
     torch_grads = normalize_hf({k: p.grad.numpy() for k, p in ref.named_parameters()})  # v5 -> hub names
     assert set(flax_grads) == set(torch_grads)
@@ -239,11 +268,14 @@ def test_loss_and_gradients_of_every_parameter():
     # return rounding noise there, so those are held to the absolute bound only.
     significant = [k for k, g in torch_grads.items() if np.abs(g).max() > 1e-4 * scale]
     assert len(significant) > 0.6 * len(torch_grads)
-    worst_relative = max((max_abs_diff(flax_grads[k], torch_grads[k]) / np.abs(torch_grads[k]).max(), k)
-                         for k in significant)
+    worst_relative = max(
+        (max_abs_diff(flax_grads[k], torch_grads[k]) / np.abs(torch_grads[k]).max(), k) for k in significant
+    )
     worst_absolute = max(max_abs_diff(flax_grads[k], torch_grads[k]) for k in torch_grads)
-    print(f"gradients: worst relative {worst_relative[0]:.1e} ({worst_relative[1]}), "
-          f"worst absolute {worst_absolute:.1e} of max |grad| {scale:.1f}")
+    print(
+        f"gradients: worst relative {worst_relative[0]:.1e} ({worst_relative[1]}), "
+        f"worst absolute {worst_absolute:.1e} of max |grad| {scale:.1f}"
+    )
     assert worst_relative[0] < 1e-4, worst_relative
     assert worst_absolute < 1e-5 * scale
 
@@ -252,7 +284,10 @@ def test_dropout_and_drop_path_are_active_in_train_mode(tiny_flax):
     model, variables = tiny_flax
     model = sj.SegformerForSemanticSegmentation(model.config.replace(drop_path_rate=0.5, hidden_dropout_prob=0.2))
     x = images(2, 32, 32, seed=13)
-    run = jax.jit(lambda seed: model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(seed)},
-                                           mutable=["batch_stats"])[0])
+    run = jax.jit(
+        lambda seed: model.apply(
+            variables, x, train=True, rngs={"dropout": jax.random.key(seed)}, mutable=["batch_stats"]
+        )[0]
+    )
     a, b, a2 = run(0), run(1), run(0)
     assert max_abs_diff(a, a2) == 0.0 and max_abs_diff(a, b) > 1e-2

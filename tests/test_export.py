@@ -8,13 +8,18 @@ import os
 import jax
 import numpy as np
 import pytest
+from reference import random_variables
 
 import segformer_jax as sj
-from reference import random_variables
 from segformer_jax.deploy import export as E
 
-TINY = dict(hidden_sizes=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_attention_heads=(1, 1, 1, 2),
-            decoder_hidden_size=16, num_labels=5)
+TINY = dict(
+    hidden_sizes=(8, 16, 24, 32),
+    depths=(1, 1, 1, 1),
+    num_attention_heads=(1, 1, 1, 2),
+    decoder_hidden_size=16,
+    num_labels=5,
+)
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +29,12 @@ def tiny():
     apply = jax.jit(model.apply)
     cache = {}
 
-    def live(variables, x):   # one live compilation per shape for the whole module
+    def live(variables, x):  # one live compilation per shape for the whole module
         key = (x.shape, x.tobytes())
         if key not in cache:
             cache[key] = np.asarray(apply(variables, x))
         return cache[key]
+
     return model, variables, live
 
 
@@ -36,7 +42,7 @@ def _x(shape, seed=0):  # same seed -> same array, so live results are reused
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
-SHAPES = [(2, 64, 96, 3), (1, 50, 70, 3)]   # the second is not a multiple of 32 (or of 4)
+SHAPES = [(2, 64, 96, 3), (1, 50, 70, 3)]  # the second is not a multiple of 32 (or of 4)
 
 
 def test_stablehlo_symbolic_batch_and_spatial(tmp_path, tiny):
@@ -51,6 +57,7 @@ def test_stablehlo_symbolic_batch_and_spatial(tmp_path, tiny):
 
 def test_tf_saved_model(tmp_path, tiny):
     import tensorflow as tf
+
     model, variables, live = tiny
     out = E.save_tf_saved_model(model, variables, tmp_path / "saved")
     assert os.path.isfile(os.path.join(out, "saved_model.pb"))
@@ -64,6 +71,7 @@ def test_tf_saved_model(tmp_path, tiny):
 
 def test_tflite_static_shape(tmp_path, tiny):
     import tensorflow as tf
+
     model, variables, live = tiny
     saved = E.save_tf_saved_model(model, variables, tmp_path / "saved_static", batch=1, height=50, width=70)
     path = E.export_tflite(saved, tmp_path / "tiny.tflite", allow_select_tf_ops=False)
@@ -78,11 +86,14 @@ def test_tflite_static_shape(tmp_path, tiny):
 
 def test_tflite_refuses_symbolic_shapes_up_front(tmp_path):
     import tensorflow as tf
+
     module = tf.Module()
-    module.serve = tf.function(lambda images: images * 2.0,
-                               input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="images")])
+    module.serve = tf.function(
+        lambda images: images * 2.0, input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="images")]
+    )
     tf.saved_model.save(module, str(tmp_path / "symbolic"), signatures={"serving_default": module.serve})
-    with pytest.raises(RuntimeError, match=r"TFLite needs static shapes, but input 'images' .* is \(None, None, None, 3\)"):
+    with pytest.raises(
+        RuntimeError, match=r"TFLite needs static shapes, but input 'images' .* is \(None, None, None, 3\)"
+    ):
         E.export_tflite(tmp_path / "symbolic", tmp_path / "x.tflite")
     assert not (tmp_path / "x.tflite").exists()
-

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 import torch
 import transformers
+
 F = torch.nn.functional
 
 import segformer_jax as sj  # noqa: E402
@@ -15,10 +15,15 @@ from segformer_jax import inference  # noqa: E402
 from segformer_jax.pretrained import variable_shapes  # noqa: E402
 from weights_convert.convert import torch_state_to_flax  # noqa: E402
 
-TINY = dict(hidden_sizes=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_attention_heads=(1, 1, 1, 2),
-            decoder_hidden_size=16, num_labels=5)
+TINY = dict(
+    hidden_sizes=(8, 16, 24, 32),
+    depths=(1, 1, 1, 1),
+    num_attention_heads=(1, 1, 1, 2),
+    decoder_hidden_size=16,
+    num_labels=5,
+)
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
-FAST_COMPILE = {"xla_backend_optimization_level": 0}   # same function, ~2x faster XLA:CPU compiles
+FAST_COMPILE = {"xla_backend_optimization_level": 0}  # same function, ~2x faster XLA:CPU compiles
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
 
 
@@ -87,7 +92,7 @@ def _reference(ref, image, cfg: inference.InferenceConfig):
     outs = []
     with torch.no_grad():
         for ratio in cfg.ratios:
-            for flip in ((False, True) if cfg.flip else (False,)):
+            for flip in (False, True) if cfg.flip else (False,):
                 h, w = _ref_keep_ratio(h0, w0, cfg.scale, ratio)
                 x = img if (h, w) == (h0, w0) else F.interpolate(img, size=(h, w), mode="bilinear", align_corners=False)
                 x = (x - MEAN) / STD
@@ -121,15 +126,20 @@ def _image(h, w, seed=0):
 @pytest.mark.parametrize("size_in,size_out", [((13, 17), (40, 29)), ((64, 48), (21, 33)), ((5, 9), (5, 20))])
 def test_resize_bilinear_equals_torch(size_in, size_out):
     x = np.random.default_rng(0).standard_normal(size_in + (3,)).astype(np.float32)
-    want = F.interpolate(torch.from_numpy(x).permute(2, 0, 1)[None], size=size_out, mode="bilinear",
-                         align_corners=False)[0].permute(1, 2, 0).numpy()
+    want = (
+        F.interpolate(torch.from_numpy(x).permute(2, 0, 1)[None], size=size_out, mode="bilinear", align_corners=False)[
+            0
+        ]
+        .permute(1, 2, 0)
+        .numpy()
+    )
     np.testing.assert_allclose(inference.resize_bilinear(x, size_out), want, atol=1e-5)
 
 
 def test_keep_ratio_size_matches_mmcv():
     assert inference.keep_ratio_size(512, 683, (2048, 512)) == (512, 683)
     assert inference.keep_ratio_size(1024, 2048, (2048, 512)) == (512, 1024)
-    assert inference.keep_ratio_size(100, 5000, (2048, 512)) == (41, 2048)      # long edge caps
+    assert inference.keep_ratio_size(100, 5000, (2048, 512)) == (41, 2048)  # long edge caps
     assert inference.keep_ratio_size(1024, 2048, (2048, 1024), 0.5) == (512, 1024)
     assert inference.keep_ratio_size(300, 451, (2048, 512), size_divisor=32) == (512, 800)
     assert inference.keep_ratio_size(30, 40, None, 1.75) == (53, 70)
@@ -143,13 +153,13 @@ def test_slide_windows_cover_and_match_mmseg_grid():
         assert (y2 - y1, x2 - x1) == (48, 64)
         cover[y1:y2, x1:x2] += 1
     assert cover.min() >= 1
-    assert inference.slide_windows(30, 200, (48, 64), (32, 40))[0] == (0, 30, 0, 64)   # smaller than crop
+    assert inference.slide_windows(30, 200, (48, 64), (32, 40))[0] == (0, 30, 0, 64)  # smaller than crop
 
 
 def test_settings_that_would_leave_pixels_unsegmented_are_refused():
     with pytest.raises(ValueError, match=r"stride=\(600, 600\) is larger than crop=\(64, 64\)"):
         inference.InferenceConfig("slide", crop=(64, 64), stride=(600, 600))
-    inference.InferenceConfig("whole", crop=(64, 64), stride=(600, 600))       # unused in whole mode
+    inference.InferenceConfig("whole", crop=(64, 64), stride=(600, 600))  # unused in whole mode
     for bad in ((0, 64), None, (64,), "64"):
         with pytest.raises(ValueError, match="crop=.*give two positive integers"):
             inference.InferenceConfig("slide", crop=bad)
@@ -165,7 +175,9 @@ CASES = {
     "whole_resized_padded": (inference.InferenceConfig("whole", scale=(96, 64), bucket=32), (45, 70)),
     "slide": (inference.InferenceConfig("slide", scale=None, crop=(48, 64), stride=(32, 40), bucket=32), (75, 100)),
     "slide_image_smaller_than_crop": (
-        inference.InferenceConfig("slide", scale=None, crop=(48, 64), stride=(32, 40), bucket=32), (40, 150)),
+        inference.InferenceConfig("slide", scale=None, crop=(48, 64), stride=(32, 40), bucket=32),
+        (40, 150),
+    ),
     "tta_scales_flip": (inference.InferenceConfig("whole", scale=(96, 64), ratios=(0.75, 1.0), flip=True), (45, 70)),
 }
 
@@ -196,12 +208,12 @@ def test_device_assembly_equals_the_numpy_one(models, case):
         np.testing.assert_allclose(dev, host, atol=2e-6, rtol=0)
         assert lab.shape == image.shape[:2] and lab.dtype == np.int32
         top2 = np.sort(host, axis=-1)[..., -2:]
-        clear = top2[..., 1] - top2[..., 0] > 1e-5          # argmax ties within rounding may go either way
+        clear = top2[..., 1] - top2[..., 0] > 1e-5  # argmax ties within rounding may go either way
         np.testing.assert_array_equal(lab[clear], np.argmax(host, axis=-1)[clear])
 
 
 def test_batched_equals_one_by_one_and_compiles_once_per_bucket(models):
-    ref, forward = models      # shared with the tests above: compilations accumulate over the module
+    ref, forward = models  # shared with the tests above: compilations accumulate over the module
     cfg = inference.InferenceConfig("whole", scale=None, bucket=32)
     rng = np.random.default_rng(1)
     sizes = [(int(rng.integers(40, 64)), int(rng.integers(50, 96))) for _ in range(20)]

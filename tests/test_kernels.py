@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from jax.test_util import check_grads
 
 from segformer_jax import SegformerConfig
@@ -17,7 +18,6 @@ from segformer_jax.models import kernels
 from segformer_jax.models.decode_head import resolve_decode_head_impl, upsample_bilinear
 from segformer_jax.models.layers import DepthwiseConv3x3, resolve_depthwise_impl
 
-import torch
 F = torch.nn.functional
 
 DW_SHAPES = [(2, 7, 9, 5), (2, 1, 3, 4), (2, 4, 4, 8), (1, 13, 6, 3)]
@@ -40,8 +40,12 @@ def _torch_dw(x, k, b, cot):
     bt = torch.tensor(np.asarray(b), requires_grad=True)
     y = F.conv2d(xt, kt, bt, padding=1, groups=x.shape[-1])
     (y * torch.tensor(np.asarray(cot).transpose(0, 3, 1, 2))).sum().backward()
-    return (y.detach().numpy().transpose(0, 2, 3, 1), xt.grad.numpy().transpose(0, 2, 3, 1),
-            kt.grad.numpy().transpose(2, 3, 1, 0), bt.grad.numpy())
+    return (
+        y.detach().numpy().transpose(0, 2, 3, 1),
+        xt.grad.numpy().transpose(0, 2, 3, 1),
+        kt.grad.numpy().transpose(2, 3, 1, 0),
+        bt.grad.numpy(),
+    )
 
 
 def _vjp(fn, x, k, b, cot):
@@ -69,8 +73,14 @@ def test_depthwise_check_grads():
     # gradients is test_depthwise_matches_grouped_conv_and_torch.
     check_grads(kernels.depthwise_conv3x3, (x, k, b), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
     # Second order through the hand-written VJP (it is itself differentiable).
-    check_grads(lambda x, k, b: jax.grad(lambda *a: jnp.sum(kernels.depthwise_conv3x3(*a) ** 2))(x, k, b),
-                (x, k, b), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
+    check_grads(
+        lambda x, k, b: jax.grad(lambda *a: jnp.sum(kernels.depthwise_conv3x3(*a) ** 2))(x, k, b),
+        (x, k, b),
+        order=1,
+        modes=["rev"],
+        atol=1e-2,
+        rtol=1e-2,
+    )
 
 
 def test_depthwise_under_jit_vmap():
@@ -104,8 +114,14 @@ def test_auto_impls_on_this_backend():
     assert resolve_depthwise_impl("native") == "native"
 
 
-RESIZES = [((4, 5), (16, 20)), ((3, 5), (7, 11)), ((5, 3), (5, 12)), ((2, 2), (16, 2)), ((1, 3), (4, 9)),
-           ((6, 4), (13, 17))]
+RESIZES = [
+    ((4, 5), (16, 20)),
+    ((3, 5), (7, 11)),
+    ((5, 3), (5, 12)),
+    ((2, 2), (16, 2)),
+    ((1, 3), (4, 9)),
+    ((6, 4), (13, 17)),
+]
 
 
 @pytest.mark.parametrize("src,dst", RESIZES)
@@ -131,8 +147,9 @@ def test_column_phases_round_trip_and_order():
     np.testing.assert_array_equal(kernels.from_column_phases(phased, 4), x)
 
 
-@pytest.mark.parametrize("w,size,period", [(4, (8, 16), 4), (3, (5, 12), 4), (2, (2, 12), 12), (6, (6, 12), 4),
-                                           (5, (5, 5), 1)])
+@pytest.mark.parametrize(
+    "w,size,period", [(4, (8, 16), 4), (3, (5, 12), 4), (2, (2, 12), 12), (6, (6, 12), 4), (5, (5, 5), 1)]
+)
 def test_upsample_to_column_phases_is_resize_in_phase_order(w, size, period):
     rng = np.random.default_rng(5)
     x = _rand(rng, (2, 4 if size[0] >= 4 else size[0], w, 3))
@@ -199,15 +216,27 @@ def test_cross_entropy_check_grads():
     logits = _rand(rng, (1, 3, 4, 5))
     labels = jnp.asarray(rng.integers(0, 5, size=(1, 12, 16)))
     for name in ("fused", "banded1"):  # finite differences in float32: loose; exact vs torch is tested above
-        check_grads(lambda l: LOSSES[name](l, labels), (logits,), order=1, modes=["rev"], eps=1e-2, atol=1e-2, rtol=1e-2)
+        loss = LOSSES[name]
+        check_grads(
+            lambda x, loss=loss: loss(x, labels), (logits,), order=1, modes=["rev"], eps=1e-2, atol=1e-2, rtol=1e-2
+        )
 
 
-TINY = dict(hidden_sizes=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_attention_heads=(1, 2, 4, 8),
-            decoder_hidden_size=16, num_labels=5, classifier_dropout_prob=0.0, drop_path_rate=0.0)
+TINY = dict(
+    hidden_sizes=(8, 16, 24, 32),
+    depths=(1, 1, 1, 1),
+    num_attention_heads=(1, 2, 4, 8),
+    decoder_hidden_size=16,
+    num_labels=5,
+    classifier_dropout_prob=0.0,
+    drop_path_rate=0.0,
+)
 
 
-@pytest.mark.parametrize("impl,size", [("fused", (16, 16)), ("fused", (17, 12)), ("phased", (16, 16)),
-                                       ("phased", (17, 12)), ("phased", (12, 17))])
+@pytest.mark.parametrize(
+    "impl,size",
+    [("fused", (16, 16)), ("fused", (17, 12)), ("phased", (16, 16)), ("phased", (17, 12)), ("phased", (12, 17))],
+)
 def test_fused_head_equals_concat(impl, size):
     """The decode head alone on random stage features (the encoder is not needed and compiles slowly).
     phased: (16, 16) runs in column-phase period 8, (17, 12) in period 12, (12, 17) falls back."""
@@ -231,9 +260,11 @@ def test_fused_head_equals_concat(impl, size):
     @functools.partial(jax.jit, static_argnums=0)
     def run(head, variables):
         def loss(params):
-            logits, mut = head.apply({"params": params, "batch_stats": variables["batch_stats"]}, feats, train=True,
-                                     mutable=["batch_stats"])
+            logits, mut = head.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]}, feats, train=True, mutable=["batch_stats"]
+            )
             return kernels.upsampled_cross_entropy(logits, labels), mut
+
         return head.apply(variables, feats), jax.value_and_grad(loss, has_aux=True)(variables["params"])
 
     y0, ((l0, m0), g0) = run(concat, variables)
@@ -295,7 +326,11 @@ def test_attention_matches_torch_values_and_grads(n, m, heads, d):
 
 def test_attention_per_image_loop_same_values(monkeypatch):
     rng = np.random.default_rng(10)
-    q, k, v = _rand(rng, (3, 21, 2, 8)), _rand(rng, (3, 5, 2, 8)), _rand(rng, (3, 5, 2, 8))  # shapes no other test traces
+    q, k, v = (
+        _rand(rng, (3, 21, 2, 8)),
+        _rand(rng, (3, 5, 2, 8)),
+        _rand(rng, (3, 5, 2, 8)),
+    )  # shapes no other test traces
     monkeypatch.setattr(kernels, "_PER_IMAGE_ATTENTION_SIZE", 2 * 21 * 5)
     looped = jax.jit(kernels.attention)
     assert "while" in looped.lower(q, k, v).as_text()
@@ -313,12 +348,13 @@ def test_attention_dropout_path_is_unbiased_and_random():
     expected = layer.apply(variables, x)
     sample = jax.jit(jax.vmap(lambda key: layer.apply(variables, x, train=True, rngs={"dropout": key})))
     outs = sample(jax.random.split(jax.random.key(1), 4000))
-    assert float(jnp.abs(outs[0] - outs[1]).max()) > 1e-3          # dropout is drawn
-    np.testing.assert_allclose(outs.mean(0), expected, atol=0.02)   # E[dropout(p)] = p
+    assert float(jnp.abs(outs[0] - outs[1]).max()) > 1e-3  # dropout is drawn
+    np.testing.assert_allclose(outs.mean(0), expected, atol=0.02)  # E[dropout(p)] = p
 
 
 def test_erf_f32_is_erf_within_float32_rounding_and_lowers_to_plain_ops():
     import math
+
     from segformer_jax.models.kernels import erf_f32
 
     z = np.concatenate([np.linspace(-6, 6, 200_001, dtype=np.float32), np.float32([0.0, 3.9, -3.9, 1e30, -1e30])])
@@ -327,7 +363,7 @@ def test_erf_f32_is_erf_within_float32_rounding_and_lowers_to_plain_ops():
     assert np.abs(ours - exact).max() < 4e-7
     assert np.isnan(np.asarray(erf_f32(jnp.float32(np.nan))))
     grad = jax.jit(jax.vmap(jax.grad(erf_f32)))(jnp.asarray(z[::1000]))
-    np.testing.assert_allclose(grad, 2 / np.sqrt(np.pi) * np.exp(-np.float64(z[::1000]) ** 2), rtol=2e-6, atol=1e-30)
+    np.testing.assert_allclose(grad, 2 / np.sqrt(np.pi) * np.exp(-(np.float64(z[::1000]) ** 2)), rtol=2e-6, atol=1e-30)
     # no composite op: TF's StableHLO deserialiser (SavedModel / TFLite export) rejects lax.erf's
     assert "composite" not in jax.jit(erf_f32).lower(jnp.asarray(z)).as_text()
 
@@ -344,9 +380,9 @@ def test_gelu_of_half_is_the_exact_gelu_within_float32_rounding():
     assert np.abs(ours - exact).max() <= max(2e-6, 1.5 * np.abs(torch32 - exact).max())
     np.testing.assert_allclose(ours, torch32, atol=3e-6, rtol=1e-6)
     np.testing.assert_allclose(ours, jax.jit(lambda x: nn.gelu(x, approximate=False))(x), atol=3e-6, rtol=1e-6)
-    np.testing.assert_allclose(ours[-8:-4], [0.0, 0.0, 5e-31, -5e-31], rtol=1e-6, atol=0)   # no underflow
-    np.testing.assert_array_equal(ours[-2:], [30.0, 0.0])   # saturates, no NaN from the tails
-    half_bf16 = (x * 0.5).astype(jnp.bfloat16)   # same code in bfloat16 (the config's dtype option)
+    np.testing.assert_allclose(ours[-8:-4], [0.0, 0.0, 5e-31, -5e-31], rtol=1e-6, atol=0)  # no underflow
+    np.testing.assert_array_equal(ours[-2:], [30.0, 0.0])  # saturates, no NaN from the tails
+    half_bf16 = (x * 0.5).astype(jnp.bfloat16)  # same code in bfloat16 (the config's dtype option)
     np.testing.assert_allclose(np.asarray(gelu_of_half(half_bf16), np.float32), exact, atol=0.05, rtol=0.02)
 
 
@@ -355,7 +391,7 @@ def test_depthwise_output_scale_halves_exactly():
     for impl in ("shifted", "native"):
         conv = DepthwiseConv3x3(8, impl)
         variables = conv.init(jax.random.key(0), x)
-        variables = jax.tree.map(lambda a: a + 0.1, variables)   # nonzero bias too
+        variables = jax.tree.map(lambda a: a + 0.1, variables)  # nonzero bias too
         full = conv.apply(variables, x)
         np.testing.assert_array_equal(conv.apply(variables, x, output_scale=0.5), full * 0.5)
 
@@ -365,9 +401,11 @@ def test_depthwise_output_scale_halves_exactly():
 
 def _deep_tiny_model(drop_path_rate=0.0, **changes):
     from segformer_jax import SegformerForSemanticSegmentation
+
     cfg = SegformerConfig(**{**TINY, "depths": (2, 3, 1, 2)})
-    return SegformerForSemanticSegmentation(cfg.replace(drop_path_rate=drop_path_rate, classifier_dropout_prob=0.0,
-                                                        **changes))
+    return SegformerForSemanticSegmentation(
+        cfg.replace(drop_path_rate=drop_path_rate, classifier_dropout_prob=0.0, **changes)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -384,17 +422,24 @@ def deep_tiny():
     @functools.partial(jax.jit, static_argnums=0)
     def run(model):
         def loss(params):
-            logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
-                                    mutable=["batch_stats"])
+            logits, _ = model.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]}, x, train=True, mutable=["batch_stats"]
+            )
             return kernels.upsampled_cross_entropy(logits, labels)
+
         return model.apply(variables, x), jax.value_and_grad(loss)(variables["params"])
 
     @functools.partial(jax.jit, static_argnums=0)
     def dropping(model):
         return model.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(3)})[0]
 
-    return dict(variables=variables, run=run, dropping=dropping, plain=run(plain),
-                plain_dropping=dropping(_deep_tiny_model(drop_path_rate=0.5)))
+    return dict(
+        variables=variables,
+        run=run,
+        dropping=dropping,
+        plain=run(plain),
+        plain_dropping=dropping(_deep_tiny_model(drop_path_rate=0.5)),
+    )
 
 
 # (scan alone is the scan + remat path without jax.checkpoint: left out to keep the suite short)
@@ -416,7 +461,7 @@ def test_scanned_and_rematerialised_blocks_are_the_same_function(changes, deep_t
 
     out = deep_tiny["dropping"](_deep_tiny_model(drop_path_rate=0.5, **changes))
     np.testing.assert_allclose(out, deep_tiny["plain_dropping"], atol=1e-5)
-    assert np.abs(np.asarray(out) - np.asarray(y0)).max() > 1e-3   # and something was dropped
+    assert np.abs(np.asarray(out) - np.asarray(y0)).max() > 1e-3  # and something was dropped
 
 
 def test_drop_path_keeps_samples_whose_draw_is_below_the_keep_rate():

@@ -20,8 +20,13 @@ FLOORS = [
     ("segformer_jax.evaluation",),
     ("segformer_jax.training",),
     ("segformer_jax.deploy",),
-    ("segformer_jax.predict", "segformer_jax.evaluate", "segformer_jax.quantize", "weights_convert.__main__",
-     "segformer_jax"),
+    (
+        "segformer_jax.predict",
+        "segformer_jax.evaluate",
+        "segformer_jax.quantize",
+        "weights_convert.__main__",
+        "segformer_jax",
+    ),
 ]
 
 
@@ -46,7 +51,9 @@ def _imports(name: str, path: pathlib.Path, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
         else:
             continue
@@ -109,8 +116,10 @@ def _cycles(graph) -> list[list[str]]:
 def test_no_import_cycles():
     graph = _graph()
     # Package __init__ files that re-export their own submodules are the package's facade, not a cycle.
-    graph = {m: {t for t in ts if not (t.startswith(m + ".") and _modules()[m].name == "__init__.py")}
-             for m, ts in graph.items()}
+    graph = {
+        m: {t for t in ts if not (t.startswith(m + ".") and _modules()[m].name == "__init__.py")}
+        for m, ts in graph.items()
+    }
     assert _cycles(graph) == []
 
 
@@ -120,10 +129,14 @@ def test_cycle_detector_sees_a_cycle():
 
 def test_no_floor_imports_a_higher_floor():
     graph = _graph()
-    assert "segformer_jax.evaluation.metrics" in graph["segformer_jax.training.steps"]   # the walk sees imports
-    assert "segformer_jax.pretrained" in graph["segformer_jax.training.state"]           # ... inside functions too
-    bad = [f"{m} (floor {_floor(m)}) imports {t} (floor {_floor(t)})"
-           for m, targets in sorted(graph.items()) for t in sorted(targets) if _floor(t) > _floor(m)]
+    assert "segformer_jax.evaluation.metrics" in graph["segformer_jax.training.steps"]  # the walk sees imports
+    assert "segformer_jax.pretrained" in graph["segformer_jax.training.state"]  # ... inside functions too
+    bad = [
+        f"{m} (floor {_floor(m)}) imports {t} (floor {_floor(t)})"
+        for m, targets in sorted(graph.items())
+        for t in sorted(targets)
+        if _floor(t) > _floor(m)
+    ]
     assert bad == []
 
 
@@ -136,11 +149,17 @@ def test_every_package_says_what_it_holds_and_may_import():
                 assert module.name in doc, f"{init.relative_to(ROOT)}: docstring does not list {module.name}"
 
 
-@pytest.mark.parametrize("old, new", [("segformer_jax.config", "segformer_jax.models.config"),
-                                      ("segformer_jax.kernels", "segformer_jax.models.kernels"),
-                                      ("segformer_jax.metrics", "segformer_jax.evaluation.metrics")])
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("segformer_jax.config", "segformer_jax.models.config"),
+        ("segformer_jax.kernels", "segformer_jax.models.kernels"),
+        ("segformer_jax.metrics", "segformer_jax.evaluation.metrics"),
+    ],
+)
 def test_old_module_paths_warn_and_are_the_new_modules(old, new):
     import sys
+
     sys.modules.pop(old, None)
     with pytest.warns(DeprecationWarning, match=f"{old} moved to {new}"):
         module = importlib.import_module(old)
@@ -151,8 +170,9 @@ def test_old_module_paths_warn_and_are_the_new_modules(old, new):
 def test_quantize_cli_module_forwards_the_old_api():
     from segformer_jax import quantize
     from segformer_jax.deploy import quantize as new
+
     with pytest.warns(DeprecationWarning, match="segformer_jax.deploy.quantize.load_quantized"):
         assert quantize.load_quantized is new.load_quantized
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert callable(quantize.main)   # the CLI itself is no deprecated path
+        assert callable(quantize.main)  # the CLI itself is no deprecated path

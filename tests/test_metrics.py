@@ -11,11 +11,15 @@ from segformer_jax.evaluation import metrics
 
 
 def test_confusion_matrix_by_hand_with_ignore_and_out_of_range():
-    labels = np.array([[0, 0, 1, 1], [2, 255, 1, 7]])   # 255 ignored, 7 outside [0, 3): not counted
+    labels = np.array([[0, 0, 1, 1], [2, 255, 1, 7]])  # 255 ignored, 7 outside [0, 3): not counted
     preds = np.array([[0, 1, 1, 1], [0, 2, 2, 0]])
-    expected = np.array([[1, 1, 0],     # gt 0: predicted 0 once, 1 once
-                         [0, 2, 1],     # gt 1: 1, 1, 2
-                         [1, 0, 0]])    # gt 2: 0
+    expected = np.array(
+        [
+            [1, 1, 0],  # gt 0: predicted 0 once, 1 once
+            [0, 2, 1],  # gt 1: 1, 1, 2
+            [1, 0, 0],
+        ]
+    )  # gt 2: 0
     got = np.asarray(metrics.confusion_matrix(jnp.asarray(labels), jnp.asarray(preds), 3, 255))
     np.testing.assert_array_equal(got, expected)
 
@@ -23,10 +27,7 @@ def test_confusion_matrix_by_hand_with_ignore_and_out_of_range():
 def test_metrics_by_hand_absent_class_is_nan_and_excluded():
     # 4 classes: class 3 never appears (NaN, excluded); class 2 is predicted but absent from the GT
     # (IoU 0 since it has a union, Acc NaN).
-    cm = np.array([[3, 1, 0, 0],
-                   [0, 4, 2, 0],
-                   [0, 0, 0, 0],
-                   [0, 0, 0, 0]])
+    cm = np.array([[3, 1, 0, 0], [0, 4, 2, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
     r = metrics.segmentation_metrics(cm, ["a", "b", "c", "d"])
     iou_a, iou_b = 3 / (4 + 3 - 3), 4 / (6 + 5 - 4)
     assert r["per_class"]["a"]["IoU"] == pytest.approx(iou_a)
@@ -77,8 +78,14 @@ def test_slide_inference_averages_overlaps():
     out = metrics.predict(lambda x: x * 2.0, images, mode="slide", crop=(12, 12), stride=(8, 8), num_classes=3)
     np.testing.assert_allclose(np.asarray(out), np.asarray(images) * 2.0, rtol=1e-6)
     # A window-dependent model: constant = number of the window's columns; the canvas holds the average.
-    ones = metrics.predict(lambda x: jnp.full(x.shape[:3] + (1,), float(x.shape[2])), images, mode="slide",
-                           crop=(20, 16), stride=(20, 14), num_classes=1)
+    ones = metrics.predict(
+        lambda x: jnp.full(x.shape[:3] + (1,), float(x.shape[2])),
+        images,
+        mode="slide",
+        crop=(20, 16),
+        stride=(20, 14),
+        num_classes=1,
+    )
     np.testing.assert_allclose(np.asarray(ones), 16.0)
 
 
@@ -87,5 +94,7 @@ def test_whole_inference_upsamples_logits_to_label_size():
     out = metrics.predict(lambda x: logits, jnp.zeros((1, 16, 16, 3)), mode="whole")
     assert out.shape == (1, 16, 16, 2)
     import jax
-    np.testing.assert_allclose(np.asarray(out), np.asarray(jax.image.resize(logits, (1, 16, 16, 2), "bilinear")),
-                               rtol=1e-5, atol=1e-6)
+
+    np.testing.assert_allclose(
+        np.asarray(out), np.asarray(jax.image.resize(logits, (1, 16, 16, 2), "bilinear")), rtol=1e-5, atol=1e-6
+    )

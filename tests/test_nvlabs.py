@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 import torch
 import transformers
 from reference import perturb_norms
@@ -18,8 +17,13 @@ import segformer_jax as sj  # noqa: E402
 from weights_convert import mapping, nvlabs  # noqa: E402
 from weights_convert.convert import ConversionError  # noqa: E402
 
-TINY = dict(hidden_sizes=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_attention_heads=(1, 1, 1, 2),
-            decoder_hidden_size=16, num_labels=5)
+TINY = dict(
+    hidden_sizes=(8, 16, 24, 32),
+    depths=(1, 1, 1, 1),
+    num_attention_heads=(1, 1, 1, 2),
+    decoder_hidden_size=16,
+    num_labels=5,
+)
 
 
 def _perturb_norms(model, seed=0):
@@ -52,7 +56,11 @@ def _hf_seg(eps_nvlabs=False):
     model = _perturb_norms(model)
     if eps_nvlabs:  # the NVlabs original: 1e-6 in block and stage norms, 1e-5 in patch-embed / sr norms
         for name, mod in model.named_modules():
-            if isinstance(mod, torch.nn.LayerNorm) and "patch_embeddings" not in name and "sequence_reduction" not in name:
+            if (
+                isinstance(mod, torch.nn.LayerNorm)
+                and "patch_embeddings" not in name
+                and "sequence_reduction" not in name
+            ):
                 mod.eps = 1e-6
     return model
 
@@ -63,6 +71,7 @@ _APPLY = {}
 def _apply(model, variables, images):
     """One jitted apply per model (eager apply compiles every op separately: slow on shared CPUs)."""
     import jax
+
     fn = _APPLY.setdefault(model, jax.jit(model.apply))
     return np.asarray(fn(variables, images))
 
@@ -106,8 +115,9 @@ def test_segmentation_checkpoint_logits_match_reference(tmp_path, source_format)
     state["decode_head.conv_seg.bias"] = np.zeros((5,), np.float32)
     path = _save_pth(state, tmp_path / "segformer.tiny.ade.pth")
     # HF modules use eps 1e-5 everywhere: load with that to compare exactly.
-    model, variables = sj.from_pretrained(path, config=sj.SegformerConfig(**TINY), source_format=source_format,
-                                          layer_norm_eps=1e-5)
+    model, variables = sj.from_pretrained(
+        path, config=sj.SegformerConfig(**TINY), source_format=source_format, layer_norm_eps=1e-5
+    )
     images = _images()
     ours = _apply(model, variables, images)
     np.testing.assert_allclose(ours, _torch_logits(ref, images), atol=1e-4, rtol=0)
@@ -136,8 +146,9 @@ def test_imagenet_mit_checkpoint(tmp_path):
     assert "head.weight" in state and "patch_embed1.proj.weight" in state and "block1.0.attn.kv.bias" in state
     path = _save_pth(state, tmp_path / "mit_tiny.pth", nest=False)
     cfg = sj.SegformerConfig(**{**TINY, "num_labels": 7})
-    model, variables = sj.from_pretrained(path, config=cfg, architecture="SegformerForImageClassification",
-                                          layer_norm_eps=1e-5)
+    model, variables = sj.from_pretrained(
+        path, config=cfg, architecture="SegformerForImageClassification", layer_norm_eps=1e-5
+    )
     images = _images((2, 64, 64, 3))
     with torch.no_grad():
         want = ref(torch.from_numpy(images.transpose(0, 3, 1, 2))).logits.numpy()
@@ -147,14 +158,20 @@ def test_imagenet_mit_checkpoint(tmp_path):
     from segformer_jax.pretrained import variable_shapes
     from weights_convert import checkpoint_io
     from weights_convert.convert import torch_state_to_flax
+
     seg = sj.SegformerForSemanticSegmentation(sj.SegformerConfig(**TINY))
-    loaded, report = torch_state_to_flax(checkpoint_io.load_state_dict(path), variable_shapes(seg),
-                                         allow_missing=[r"^(params|batch_stats)/decode_head/"],
-                                         ignore_unused=[r"^classifier\."])
+    loaded, report = torch_state_to_flax(
+        checkpoint_io.load_state_dict(path),
+        variable_shapes(seg),
+        allow_missing=[r"^(params|batch_stats)/decode_head/"],
+        ignore_unused=[r"^classifier\."],
+    )
     assert report["unused"] == ["classifier.bias", "classifier.weight"]
     assert all(p.startswith(("params/decode_head/", "batch_stats/decode_head/")) for p in report["missing"])
-    np.testing.assert_array_equal(loaded["params"]["segformer"]["encoder"]["block_3_0"]["attention"]["self"]["key"]["bias"],
-                                  state["block4.0.attn.kv.bias"][:32])
+    np.testing.assert_array_equal(
+        loaded["params"]["segformer"]["encoder"]["block_3_0"]["attention"]["self"]["key"]["bias"],
+        state["block4.0.attn.kv.bias"][:32],
+    )
 
 
 def test_missing_and_extra_keys_are_listed(tmp_path):

@@ -12,11 +12,17 @@ import pytest
 from PIL import Image
 
 import segformer_jax as sj
-from segformer_jax import inference, predict as P
+from segformer_jax import inference
+from segformer_jax import predict as P
 from segformer_jax.data import palettes
 
-TINY = dict(hidden_sizes=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_attention_heads=(1, 1, 1, 2),
-            decoder_hidden_size=16, num_labels=5)
+TINY = dict(
+    hidden_sizes=(8, 16, 24, 32),
+    depths=(1, 1, 1, 1),
+    num_attention_heads=(1, 1, 1, 2),
+    decoder_hidden_size=16,
+    num_labels=5,
+)
 CFG = inference.InferenceConfig("whole", scale=None, bucket=32)
 
 
@@ -24,9 +30,11 @@ CFG = inference.InferenceConfig("whole", scale=None, bucket=32)
 def model_dir(tmp_path_factory):
     """A tiny random model saved with save_pretrained(format="flax") (variables from a fixed seed, no init compile)."""
     from segformer_jax.pretrained import variable_shapes
+
     model = sj.SegformerForSemanticSegmentation(sj.SegformerConfig(**TINY))
     rng = np.random.default_rng(0)
     import jax
+
     shapes = variable_shapes(model)
     variables = jax.tree_util.tree_map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
     variables["batch_stats"]["decode_head"]["batch_norm"]["var"] = np.ones(16, np.float32)
@@ -39,8 +47,9 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(model_dir):
     model, apply_fn, variables = P.load_model(model_dir)
-    return model, inference.TiledForward(apply_fn, variables, batch_size=4,
-                                         compiler_options={"xla_backend_optimization_level": 0})
+    return model, inference.TiledForward(
+        apply_fn, variables, batch_size=4, compiler_options={"xla_backend_optimization_level": 0}
+    )
 
 
 def _img(h, w, seed):
@@ -80,10 +89,11 @@ def test_predict_folder_and_glob_one_compilation_per_bucket(tmp_path, loaded):
     sizes = _write_mixed(tmp_path / "in")
     out = tmp_path / "out"
     before = set(forward.shapes)
-    result = P.predict([str(tmp_path / "in" / "*.jpg"), str(tmp_path / "in")], model, out, forward=forward,
-                       config=CFG, progress=False)
+    result = P.predict(
+        [str(tmp_path / "in" / "*.jpg"), str(tmp_path / "in")], model, out, forward=forward, config=CFG, progress=False
+    )
     assert not result.failed, result.failed
-    assert len(result.written) == 20                    # glob + folder overlap counted once
+    assert len(result.written) == 20  # glob + folder overlap counted once
     buckets = inference.tile_shapes(sizes.values(), CFG)
     assert len(buckets) == 2
     assert result.compilations == len(buckets - before) <= len(buckets)
@@ -99,9 +109,10 @@ def test_predict_folder_and_glob_one_compilation_per_bucket(tmp_path, loaded):
     image, _ = P.load_image(src)
     want = np.argmax(inference.segment(forward, image, CFG), axis=-1)
     np.testing.assert_array_equal(np.asarray(Image.open(label_path)), want)
-    np.testing.assert_array_equal(np.asarray(Image.open(overlay_path)),
-                                  palettes.overlay(image, want, palettes.generated_palette(5), 0.5))
-    assert not [f for f in os.listdir(out) if f.startswith(".")]   # no temp files left
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(overlay_path)), palettes.overlay(image, want, palettes.generated_palette(5), 0.5)
+    )
+    assert not [f for f in os.listdir(out) if f.startswith(".")]  # no temp files left
 
 
 def test_bad_inputs_are_reported_and_others_processed(tmp_path, loaded):
@@ -141,12 +152,13 @@ def test_empty_folder_and_unwritable_output(tmp_path, loaded):
     before = (tmp_path / "a.png").read_bytes()
     with pytest.raises(P.OutputError, match="holds 1 of the input images .a.png.*choose another output folder"):
         P.predict([str(tmp_path)], model, tmp_path, forward=forward, progress=False)
-    assert (tmp_path / "a.png").read_bytes() == before                   # the input is untouched
+    assert (tmp_path / "a.png").read_bytes() == before  # the input is untouched
 
 
 def test_cli(tmp_path, model_dir, capsys, monkeypatch):
     from segformer_jax import xla_options
-    monkeypatch.setattr(xla_options, "DEFAULT_COMPILATION_CACHE", "")   # never ~/.cache from a test
+
+    monkeypatch.setattr(xla_options, "DEFAULT_COMPILATION_CACHE", "")  # never ~/.cache from a test
     previous = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
     d = tmp_path / "in"
     d.mkdir()
@@ -154,8 +166,22 @@ def test_cli(tmp_path, model_dir, capsys, monkeypatch):
         Image.fromarray(_img(40 + i, 60, i)).save(d / f"x{i}.png")
     (d / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     try:
-        code = P.main(["--model", model_dir, "--output", str(tmp_path / "out"), "--scale", "none", "--quiet",
-                       "--palette", "cityscapes", "--compilation-cache", str(tmp_path / "xla"), str(d)])
+        code = P.main(
+            [
+                "--model",
+                model_dir,
+                "--output",
+                str(tmp_path / "out"),
+                "--scale",
+                "none",
+                "--quiet",
+                "--palette",
+                "cityscapes",
+                "--compilation-cache",
+                str(tmp_path / "xla"),
+                str(d),
+            ]
+        )
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
     finally:
         jax.config.update("jax_compilation_cache_dir", previous[0])
@@ -166,8 +192,12 @@ def test_cli(tmp_path, model_dir, capsys, monkeypatch):
     assert P.main(["--model", model_dir, "--output", str(tmp_path / "o2"), str(tmp_path / "nothing")]) == 2
     assert P.main(["--model", model_dir, "--output", str(tmp_path / "o2"), "--crop", "axb", str(d)]) == 2
     capsys.readouterr()
-    for flags, message in ((["--mode", "slide", "--crop", "64x64", "--stride", "600x600"], "larger than crop"),
-                           (["--crop", "none"], "crop=None"), (["--ratios", "1,x"], "--ratios=1,x"),
-                           (["--bucket", "abc"], "--bucket=abc"), (["--alpha", "5"], "--alpha=5")):
+    for flags, message in (
+        (["--mode", "slide", "--crop", "64x64", "--stride", "600x600"], "larger than crop"),
+        (["--crop", "none"], "crop=None"),
+        (["--ratios", "1,x"], "--ratios=1,x"),
+        (["--bucket", "abc"], "--bucket=abc"),
+        (["--alpha", "5"], "--alpha=5"),
+    ):
         assert P.main(["--model", model_dir, "--output", str(tmp_path / "o2"), *flags, str(d)]) == 2, flags
         assert message in capsys.readouterr().err, flags

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from reference import TINY, build_reference, hf_config, images, max_abs_diff, perturb_norms, to_nhwc
 from safetensors.numpy import load_file, save_file
 
 import segformer_jax as sj
-from reference import TINY, build_reference, hf_config, images, max_abs_diff, perturb_norms, to_nhwc
 from segformer_jax.models.config import ConfigError
 from weights_convert import __main__ as cli
 from weights_convert.checkpoint_io import CheckpointFileError
@@ -47,7 +47,10 @@ def test_from_pretrained_hf_directory_gives_the_same_logits(hf_dir, tiny_referen
 def test_hf_flax_hf_round_trip_is_bit_exact_and_transformers_loads_it(hf_dir, tmp_path, tiny_reference):
     model, variables = sj.from_pretrained(hf_dir)
     out = sj.save_pretrained(model, variables, tmp_path / "back", format="hf")
-    original, back = load_file(os.path.join(hf_dir, "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))
+    original, back = (
+        load_file(os.path.join(hf_dir, "model.safetensors")),
+        load_file(os.path.join(out, "model.safetensors")),
+    )
     assert sorted(original) == sorted(back)
     for key in original:
         assert original[key].dtype == back[key].dtype and np.array_equal(original[key], back[key]), key
@@ -67,9 +70,9 @@ def test_flax_format_round_trip(hf_dir, tmp_path):
 
 def test_transformers5_in_memory_names_equal_hub_names(tiny_reference, hf_dir):
     in_memory = {k: v.numpy().copy() for k, v in tiny_reference.state_dict().items()}
-    assert any(".q_proj." in k for k in in_memory)            # transformers-5 layout
+    assert any(".q_proj." in k for k in in_memory)  # transformers-5 layout
     hub = load_file(os.path.join(hf_dir, "model.safetensors"))
-    assert any(".attention.self.query." in k for k in hub)    # hub (v4) layout
+    assert any(".attention.self.query." in k for k in hub)  # hub (v4) layout
     renamed = normalize_hf(in_memory)
     assert sorted(renamed) == sorted(hub)
     for k in hub:
@@ -78,8 +81,9 @@ def test_transformers5_in_memory_names_equal_hub_names(tiny_reference, hf_dir):
 
 def test_pytorch_bin_is_read_with_torch(tmp_path, tiny_reference, hf_dir):
     d = tmp_path / "bin"
-    tiny_reference.save_pretrained(d, safe_serialization=False) if "safe_serialization" in \
-        transformers.PreTrainedModel.save_pretrained.__code__.co_varnames else None
+    tiny_reference.save_pretrained(
+        d, safe_serialization=False
+    ) if "safe_serialization" in transformers.PreTrainedModel.save_pretrained.__code__.co_varnames else None
     if not (d / "pytorch_model.bin").exists():  # transformers 5 writes safetensors only: write the .bin ourselves
         d.mkdir(exist_ok=True)
         torch.save(tiny_reference.state_dict(), d / "pytorch_model.bin")
@@ -154,8 +158,10 @@ def test_new_num_labels_reinitialises_only_the_classifier(hf_dir, caplog):
         model, variables = sj.from_pretrained(hf_dir, num_labels=3)
     assert variables["params"]["decode_head"]["classifier"]["kernel"].shape == (1, 1, 16, 3)
     assert "params/decode_head/classifier/kernel" in caplog.text
-    np.testing.assert_array_equal(variables["params"]["decode_head"]["linear_fuse"]["kernel"],
-                                  original["params"]["decode_head"]["linear_fuse"]["kernel"])
+    np.testing.assert_array_equal(
+        variables["params"]["decode_head"]["linear_fuse"]["kernel"],
+        original["params"]["decode_head"]["linear_fuse"]["kernel"],
+    )
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -174,12 +180,16 @@ def test_missing_extra_and_misshaped_tensors_are_all_listed(hf_dir, tmp_path):
         del state["segformer.encoder.block.1.1.mlp.dense1.weight"]
         state["segformer.encoder.block.9.0.mlp.dense1.weight"] = np.zeros((3, 3), np.float32)
         state["decode_head.linear_fuse.weight"] = np.zeros((16, 60, 1, 1), np.float32)
+
     with pytest.raises(ConversionError) as e:
         sj.from_pretrained(_copy_with(hf_dir, tmp_path, edit))
     msg = str(e.value)
     assert "1 model variable(s) missing" in msg and "params/segformer/encoder/block_1_1/mlp/dense1/kernel" in msg
     assert "1 checkpoint tensor(s) not used" in msg and "segformer.encoder.block.9.0.mlp.dense1.weight" in msg
-    assert "wrong shape" in msg and "decode_head.linear_fuse.weight: checkpoint (16, 60, 1, 1), model expects (16, 64, 1, 1)" in msg
+    assert (
+        "wrong shape" in msg
+        and "decode_head.linear_fuse.weight: checkpoint (16, 60, 1, 1), model expects (16, 64, 1, 1)" in msg
+    )
 
 
 def test_config_that_is_not_segformer(tmp_path):
@@ -254,7 +264,7 @@ def test_cli_errors_name_flags_not_python_arguments(hf_dir, tmp_path, capsys):
     assert cli.main(["to-flax", str(bare), str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
     assert "--preset b0..b5 or --config" in err and "SegformerConfig(" not in err
-    assert cli.main(["to-flax", hf_dir, str(tmp_path / "b"), "--preset", "b0"]) == 2   # the wrong architecture
+    assert cli.main(["to-flax", hf_dir, str(tmp_path / "b"), "--preset", "b0"]) == 2  # the wrong architecture
     err = capsys.readouterr().err
     assert "--num-labels N or --reinit REGEX" in err and "from_pretrained(" not in err
     (tmp_path / "taken").mkdir()
@@ -266,21 +276,27 @@ def test_cli_errors_name_flags_not_python_arguments(hf_dir, tmp_path, capsys):
 
 def test_cli_output_is_not_buried_in_other_libraries_logs(hf_dir, tmp_path):
     # A real process: under pytest the root logger already has handlers and basicConfig is a no-op.
-    run = subprocess.run([sys.executable, "-m", "weights_convert", "to-flax", hf_dir, str(tmp_path / "flax"),
-                          "--num-labels", "3"], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "weights_convert", "to-flax", hf_dir, str(tmp_path / "flax"), "--num-labels", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     assert "wrote " in run.stdout
-    assert "newly initialised" in run.stderr and "decode_head/classifier/kernel" in run.stderr   # ours stay
-    assert "[process=" not in run.stderr and len(run.stderr.splitlines()) < 10, run.stderr   # Orbax's INFO lines go
+    assert "newly initialised" in run.stderr and "decode_head/classifier/kernel" in run.stderr  # ours stay
+    assert "[process=" not in run.stderr and len(run.stderr.splitlines()) < 10, run.stderr  # Orbax's INFO lines go
 
 
 def test_training_workdir_given_instead_of_its_final_model(tmp_path, hf_dir):
     (tmp_path / "checkpoints" / "30").mkdir(parents=True)
-    (tmp_path / "config.json").write_text('{"batch_size": 4}')       # train.py's config, not a model's
+    (tmp_path / "config.json").write_text('{"batch_size": 4}')  # train.py's config, not a model's
     with pytest.raises(ConfigError, match="train.py workdir.*no final model yet"):
         sj.from_pretrained(tmp_path)
     (tmp_path / "final").mkdir()
-    with pytest.raises(ConfigError, match=f"train.py workdir, not a model directory: its trained model is {tmp_path}/final"):
+    with pytest.raises(
+        ConfigError, match=f"train.py workdir, not a model directory: its trained model is {tmp_path}/final"
+    ):
         sj.from_pretrained(tmp_path)
 
 
@@ -305,8 +321,12 @@ def test_config_json_round_trip_and_presets(hf_dir):
     assert cfg.hidden_sizes == TINY["hidden_sizes"] and cfg.depths == TINY["depths"]
     assert sj.SegformerConfig.from_hf_dict(json.loads(cfg.to_json_string())) == cfg
     b2 = sj.SegformerConfig.preset("b2")
-    assert (b2.depths, b2.hidden_sizes, b2.decoder_hidden_size, b2.mlp_ratios) == \
-        ((3, 4, 6, 3), (64, 128, 320, 512), 768, (4, 4, 4, 4))
+    assert (b2.depths, b2.hidden_sizes, b2.decoder_hidden_size, b2.mlp_ratios) == (
+        (3, 4, 6, 3),
+        (64, 128, 320, 512),
+        768,
+        (4, 4, 4, 4),
+    )
     assert sj.SegformerConfig.preset("b5").depths == (3, 6, 40, 3)
     hf_default = transformers.SegformerConfig()  # b0 with PreTrainedConfig's default of 2 labels
     assert sj.SegformerConfig.from_hf_dict(hf_default.to_dict()) == sj.SegformerConfig(num_labels=2)

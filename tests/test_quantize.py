@@ -9,13 +9,18 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
+from reference import random_variables
 
 import segformer_jax as sj
-from reference import random_variables
 from segformer_jax.deploy import quantize as Q
 
-TINY = dict(hidden_sizes=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_attention_heads=(1, 1, 1, 2),
-            decoder_hidden_size=16, num_labels=5)
+TINY = dict(
+    hidden_sizes=(8, 16, 24, 32),
+    depths=(1, 1, 1, 1),
+    num_attention_heads=(1, 1, 1, 2),
+    decoder_hidden_size=16,
+    num_labels=5,
+)
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +72,21 @@ def test_float_code_refuses_quantized_checkpoint(tiny):
 
 
 def test_predict_with_quantized_checkpoint(tmp_path, tiny):
-    from segformer_jax import inference, predict as P
+    from segformer_jax import inference
+    from segformer_jax import predict as P
+
     _, _, _, q_dir = tiny
     for i in range(2):
-        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
-    result = P.predict([str(tmp_path / "*.png")], q_dir, tmp_path / "out", progress=False,
-                       config=inference.InferenceConfig("whole", scale=None))
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i}.png"
+        )
+    result = P.predict(
+        [str(tmp_path / "*.png")],
+        q_dir,
+        tmp_path / "out",
+        progress=False,
+        config=inference.InferenceConfig("whole", scale=None),
+    )
     assert not result.failed and len(result.written) == 2 and result.compilations == 1
 
 
@@ -84,7 +98,7 @@ def test_command_line_writes_the_same_checkpoint_as_the_api(tiny, tmp_path, caps
     _, want = Q.load_quantized(q_dir)
     _, got = Q.load_quantized(out)
     jax.tree_util.tree_map(np.testing.assert_array_equal, want, got)
-    assert Q.main([f32_dir, str(out)]) == 2                      # exists: nothing replaced
+    assert Q.main([f32_dir, str(out)]) == 2  # exists: nothing replaced
     assert "pass --overwrite" in capsys.readouterr().err
-    assert Q.main([q_dir, str(tmp_path / "again")]) == 2        # already int8
+    assert Q.main([q_dir, str(tmp_path / "again")]) == 2  # already int8
     assert "is an int8 weight-only quantized checkpoint" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """Command line: convert SegFormer checkpoints between PyTorch / Hugging Face and Flax.
 
-  python -m weights_convert to-flax  HF_DIR_OR_FILE  OUT_DIR   # -> config.json + Orbax variables
-  python -m weights_convert to-hf    FLAX_DIR        OUT_DIR   # -> config.json + model.safetensors
+python -m weights_convert to-flax  HF_DIR_OR_FILE  OUT_DIR   # -> config.json + Orbax variables
+python -m weights_convert to-hf    FLAX_DIR        OUT_DIR   # -> config.json + model.safetensors
 """
 
 from __future__ import annotations
@@ -15,38 +15,54 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m weights_convert",
         description="Convert SegFormer checkpoints between PyTorch/Hugging Face and Flax (segformer_jax). "
-                    "Every source tensor must be used and every model variable filled; otherwise the "
-                    "missing/unused/mis-shaped keys are listed and nothing is written.",
+        "Every source tensor must be used and every model variable filled; otherwise the "
+        "missing/unused/mis-shaped keys are listed and nothing is written.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-               "  python -m weights_convert to-flax ./segformer-b0-finetuned-ade-512-512 ./b0-flax\n"
-               "  python -m weights_convert to-flax ./mit-b2 ./b2-cityscapes-init --num-labels 19\n"
-               "  python -m weights_convert to-flax mit_b0.pth ./b0 --preset b0 --format nvlabs\n"
-               "  python -m weights_convert to-hf ./b0-flax ./b0-hf   # then transformers "
-               "SegformerForSemanticSegmentation.from_pretrained('./b0-hf')")
+        "  python -m weights_convert to-flax ./segformer-b0-finetuned-ade-512-512 ./b0-flax\n"
+        "  python -m weights_convert to-flax ./mit-b2 ./b2-cityscapes-init --num-labels 19\n"
+        "  python -m weights_convert to-flax mit_b0.pth ./b0 --preset b0 --format nvlabs\n"
+        "  python -m weights_convert to-hf ./b0-flax ./b0-hf   # then transformers "
+        "SegformerForSemanticSegmentation.from_pretrained('./b0-hf')",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     to_flax = sub.add_parser("to-flax", help="PyTorch/HF (dir, .safetensors, .bin, .pth) -> Flax directory")
     to_flax.add_argument("source", help="HF model directory, or a weights file (then give --preset or --config)")
     to_flax.add_argument("out_dir", help="output directory (must not exist unless --overwrite)")
     to_flax.add_argument("--format", default="auto", help="source key layout: auto (default), hf, nvlabs")
-    to_flax.add_argument("--architecture", default=None,
-                         choices=["SegformerForSemanticSegmentation", "SegformerForImageClassification", "SegformerModel"],
-                         help="target model (default: SegformerForSemanticSegmentation)")
+    to_flax.add_argument(
+        "--architecture",
+        default=None,
+        choices=["SegformerForSemanticSegmentation", "SegformerForImageClassification", "SegformerModel"],
+        help="target model (default: SegformerForSemanticSegmentation)",
+    )
     to_flax.add_argument("--num-labels", type=int, default=None, help="new number of classes (head re-initialised)")
     to_flax.add_argument("--preset", default=None, help="architecture for a bare weights file: b0..b5")
     to_flax.add_argument("--config", default=None, help="config.json describing a bare weights file")
-    to_flax.add_argument("--layer-norm-eps", type=float, default=None,
-                         help="LayerNorm epsilon (default: 1e-5 for HF, 1e-6 for NVlabs originals)")
-    to_flax.add_argument("--reinit", action="append", default=[], metavar="REGEX",
-                         help="re-initialise Flax variables matching REGEX instead of loading (repeatable)")
+    to_flax.add_argument(
+        "--layer-norm-eps",
+        type=float,
+        default=None,
+        help="LayerNorm epsilon (default: 1e-5 for HF, 1e-6 for NVlabs originals)",
+    )
+    to_flax.add_argument(
+        "--reinit",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="re-initialise Flax variables matching REGEX instead of loading (repeatable)",
+    )
     to_flax.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
 
     to_hf = sub.add_parser("to-hf", help="Flax (or HF) directory -> HF directory transformers can load")
     to_hf.add_argument("source", help="directory written by save_pretrained / to-flax (or any from_pretrained source)")
     to_hf.add_argument("out_dir", help="output directory (must not exist unless --overwrite)")
-    to_hf.add_argument("--architecture", default=None,
-                       choices=["SegformerForSemanticSegmentation", "SegformerForImageClassification", "SegformerModel"])
+    to_hf.add_argument(
+        "--architecture",
+        default=None,
+        choices=["SegformerForSemanticSegmentation", "SegformerForImageClassification", "SegformerModel"],
+    )
     to_hf.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
     return p
 
@@ -83,7 +99,9 @@ def main(argv=None) -> int:
             if args.config:
                 config = SegformerConfig.from_json_file(args.config)
             elif args.preset:
-                config = SegformerConfig.preset(args.preset, **({"num_labels": args.num_labels} if args.num_labels else {}))
+                config = SegformerConfig.preset(
+                    args.preset, **({"num_labels": args.num_labels} if args.num_labels else {})
+                )
             overrides = {}
             eps = args.layer_norm_eps
             if eps is None and args.format == "nvlabs":
@@ -91,8 +109,14 @@ def main(argv=None) -> int:
             if eps is not None:
                 overrides["layer_norm_eps"] = eps
             model, variables = segformer_jax.from_pretrained(
-                args.source, architecture=args.architecture, num_labels=args.num_labels, config=config,
-                reinit=args.reinit, source_format=None if args.format == "auto" else args.format, **overrides)
+                args.source,
+                architecture=args.architecture,
+                num_labels=args.num_labels,
+                config=config,
+                reinit=args.reinit,
+                source_format=None if args.format == "auto" else args.format,
+                **overrides,
+            )
             out = segformer_jax.save_pretrained(model, variables, args.out_dir, format="flax", overwrite=args.overwrite)
         else:
             model, variables = segformer_jax.from_pretrained(args.source, architecture=args.architecture)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -28,7 +28,8 @@ def find_weights_file(directory: str) -> str:
     present = sorted(os.listdir(directory))
     raise CheckpointFileError(
         f"no weights in {directory}: expected one of model.safetensors, {SAFETENSORS_INDEX}, pytorch_model.bin "
-        f"(found: {', '.join(present) or 'nothing'})")
+        f"(found: {', '.join(present) or 'nothing'})"
+    )
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -60,18 +61,23 @@ def _load_sharded(index_path: str) -> dict[str, np.ndarray]:
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
+
     try:
         return dict(load_file(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointFileError(f"{path} is not a readable safetensors file ({e}); re-download or re-export it") from None
+        raise CheckpointFileError(
+            f"{path} is not a readable safetensors file ({e}); re-download or re-export it"
+        ) from None
 
 
 def _load_torch(path: str) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError:
-        raise CheckpointFileError(f"{path} is a PyTorch pickle; reading it needs torch: "
-                                  "pip install 'segformer-jax[convert]' (or use model.safetensors)") from None
+        raise CheckpointFileError(
+            f"{path} is a PyTorch pickle; reading it needs torch: "
+            "pip install 'segformer-jax[convert]' (or use model.safetensors)"
+        ) from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt / unsafe files
@@ -92,5 +98,6 @@ def _load_torch(path: str) -> dict[str, np.ndarray]:
 
 def save_safetensors(state: Mapping[str, np.ndarray], path: str) -> None:
     from safetensors.numpy import save_file
+
     # transformers refuses safetensors files without a known 'format' in the metadata.
     save_file({k: np.asarray(v, order="C") for k, v in state.items()}, path, metadata={"format": "pt"})

@@ -6,7 +6,8 @@ Every source tensor must be used, every target leaf filled and every shape must 
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 from flax import traverse_util
@@ -45,7 +46,7 @@ def _fmt(items, limit: int = 40) -> str:
     return f"\n    {shown}{more}"
 
 
-_FLAX_BASE_PREFIX, _HF_BASE_PREFIX = "segformer/", "segformer."   # HF's base_model_prefix
+_FLAX_BASE_PREFIX, _HF_BASE_PREFIX = "segformer/", "segformer."  # HF's base_model_prefix
 
 
 def _as_task_model_paths(flat: dict[tuple[str, str], Any]) -> tuple[dict[tuple[str, str], Any], str]:
@@ -82,10 +83,12 @@ def torch_state_to_flax(
     """
     source_format = source_format or mapping.detect_format(state.keys())
     if source_format not in mapping.SOURCE_NORMALIZERS:
-        raise ConversionError(f"unknown checkpoint format {source_format!r}; known: {sorted(mapping.SOURCE_NORMALIZERS)}")
+        raise ConversionError(
+            f"unknown checkpoint format {source_format!r}; known: {sorted(mapping.SOURCE_NORMALIZERS)}"
+        )
     state = mapping.SOURCE_NORMALIZERS[source_format](state)
     targets, prefix = _as_task_model_paths(flatten_variables(target_shapes))
-    target_names = {f"{c}/{p[len(prefix):]}": (c, p) for c, p in targets}   # the names the caller uses
+    target_names = {f"{c}/{p[len(prefix) :]}": (c, p) for c, p in targets}  # the names the caller uses
     name_of = {t: n for n, t in target_names.items()}
 
     filled: dict[tuple[str, str], np.ndarray] = {}
@@ -104,8 +107,10 @@ def torch_state_to_flax(
         layout = hit[2]
         want = tuple(targets[target].shape)
         if tuple(value.shape) != mapping.expected_torch_shape(want, layout):
-            shape_errors.append(f"{key}: checkpoint {tuple(value.shape)}, model expects "
-                                f"{mapping.expected_torch_shape(want, layout)} (Flax {name_of[target]} {want})")
+            shape_errors.append(
+                f"{key}: checkpoint {tuple(value.shape)}, model expects "
+                f"{mapping.expected_torch_shape(want, layout)} (Flax {name_of[target]} {want})"
+            )
             misshaped.add(target)
             continue
         filled[target] = mapping.torch_to_flax_tensor(value, layout)
@@ -117,19 +122,27 @@ def torch_state_to_flax(
 
     problems = []
     if shape_errors:
-        problems.append(f"{len(shape_errors)} tensor(s) with the wrong shape (is the config the checkpoint's?):"
-                        + _fmt(shape_errors))
+        problems.append(
+            f"{len(shape_errors)} tensor(s) with the wrong shape (is the config the checkpoint's?):"
+            + _fmt(shape_errors)
+        )
     if missing:
         problems.append(f"{len(missing)} model variable(s) missing from the checkpoint:" + _fmt(missing))
     if unused:
         problems.append(f"{len(unused)} checkpoint tensor(s) not used by the model:" + _fmt(unused))
     if problems:
-        raise ConversionError("checkpoint does not match the SegFormer model:\n- " + "\n- ".join(problems) +
-                              "\nTo re-initialise parts on purpose (e.g. a new head), use from_pretrained(..., "
-                              "num_labels=...) or reinit=[regex]; see `python -m weights_convert --help`.")
-    report = {"skipped": sorted(skipped), "missing": sorted(allowed_missing),
-              "unused": sorted(ignored + skipped_sources)}
-    return unflatten_variables({(c, p[len(prefix):]): v for (c, p), v in filled.items()}), report
+        raise ConversionError(
+            "checkpoint does not match the SegFormer model:\n- "
+            + "\n- ".join(problems)
+            + "\nTo re-initialise parts on purpose (e.g. a new head), use from_pretrained(..., "
+            "num_labels=...) or reinit=[regex]; see `python -m weights_convert --help`."
+        )
+    report = {
+        "skipped": sorted(skipped),
+        "missing": sorted(allowed_missing),
+        "unused": sorted(ignored + skipped_sources),
+    }
+    return unflatten_variables({(c, p[len(prefix) :]): v for (c, p), v in filled.items()}), report
 
 
 def flax_to_torch_state(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -140,12 +153,12 @@ def flax_to_torch_state(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     for (collection, path), leaf in flat.items():
         hit = mapping.flax_path_to_hf(collection, path)
         if hit is None:
-            unknown.append(f"{collection}/{path[len(prefix):]}")
+            unknown.append(f"{collection}/{path[len(prefix) :]}")
             continue
         key, layout = hit
         state[key] = mapping.flax_to_torch_tensor(np.asarray(leaf), layout)
     if unknown:
         raise ConversionError(f"{len(unknown)} Flax variable(s) have no PyTorch name:" + _fmt(unknown))
-    if prefix:   # transformers' SegformerModel writes its own tensors without the `segformer.` prefix
+    if prefix:  # transformers' SegformerModel writes its own tensors without the `segformer.` prefix
         state = {k.removeprefix(_HF_BASE_PREFIX): v for k, v in state.items()}
     return state

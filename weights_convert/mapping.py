@@ -12,7 +12,7 @@ The kind says which tensors the module has and how each is laid out in torch vs 
 from __future__ import annotations
 
 import re
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -22,7 +22,11 @@ _FBLOCK = "segformer/encoder/block_{i}_{j}"
 MODULE_TABLE: tuple[tuple[str, str, str], ...] = (
     # encoder: overlap patch embeddings
     ("segformer.encoder.patch_embeddings.{i}.proj", "segformer/encoder/patch_embeddings_{i}/proj", "conv"),
-    ("segformer.encoder.patch_embeddings.{i}.layer_norm", "segformer/encoder/patch_embeddings_{i}/layer_norm", "layer_norm"),
+    (
+        "segformer.encoder.patch_embeddings.{i}.layer_norm",
+        "segformer/encoder/patch_embeddings_{i}/layer_norm",
+        "layer_norm",
+    ),
     # encoder: transformer blocks
     (f"{_BLOCK}.layer_norm_1", f"{_FBLOCK}/layer_norm_1", "layer_norm"),
     (f"{_BLOCK}.attention.self.query", f"{_FBLOCK}/attention/self/query", "linear"),
@@ -121,11 +125,11 @@ def flax_path_to_hf(collection: str, path: str) -> tuple[str, str] | None:
 
 # ---------------------------------------------------------------------------------- layouts
 def torch_to_flax_tensor(x: np.ndarray, layout: str) -> np.ndarray:
-    if layout == "linear":       # (out, in) -> (in, out)
+    if layout == "linear":  # (out, in) -> (in, out)
         return np.asarray(x.T, order="C")
-    if layout == "conv":         # (out, in/groups, kh, kw) -> (kh, kw, in/groups, out)
+    if layout == "conv":  # (out, in/groups, kh, kw) -> (kh, kw, in/groups, out)
         return np.asarray(x.transpose(2, 3, 1, 0), order="C")
-    if layout == "count":        # torch int64 counter -> int32 (jax default)
+    if layout == "count":  # torch int64 counter -> int32 (jax default)
         return np.asarray(x, np.int32)
     return np.asarray(x)
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -47,31 +47,46 @@ from weights_convert import mapping
 
 logger = logging.getLogger("segformer_jax")
 
-_PREFIXES = ("module.", "backbone.")       # DataParallel wrapper; mmseg segmentor's backbone
+_PREFIXES = ("module.", "backbone.")  # DataParallel wrapper; mmseg segmentor's backbone
 
 # (NVlabs regex on the key without prefix, HF template); {k1} = k-1, {j}/{rest} copied.
-_RULES: tuple[tuple[re.Pattern, str], ...] = tuple((re.compile(p), r) for p, r in (
-    (r"^patch_embed(?P<k>[1-9])\.proj\.(?P<t>\w+)$", "segformer.encoder.patch_embeddings.{k1}.proj.{t}"),
-    (r"^patch_embed(?P<k>[1-9])\.norm\.(?P<t>\w+)$", "segformer.encoder.patch_embeddings.{k1}.layer_norm.{t}"),
-    (r"^block(?P<k>[1-9])\.(?P<j>\d+)\.norm1\.(?P<t>\w+)$", "segformer.encoder.block.{k1}.{j}.layer_norm_1.{t}"),
-    (r"^block(?P<k>[1-9])\.(?P<j>\d+)\.norm2\.(?P<t>\w+)$", "segformer.encoder.block.{k1}.{j}.layer_norm_2.{t}"),
-    (r"^block(?P<k>[1-9])\.(?P<j>\d+)\.attn\.q\.(?P<t>\w+)$", "segformer.encoder.block.{k1}.{j}.attention.self.query.{t}"),
-    (r"^block(?P<k>[1-9])\.(?P<j>\d+)\.attn\.sr\.(?P<t>\w+)$", "segformer.encoder.block.{k1}.{j}.attention.self.sr.{t}"),
-    (r"^block(?P<k>[1-9])\.(?P<j>\d+)\.attn\.norm\.(?P<t>\w+)$",
-     "segformer.encoder.block.{k1}.{j}.attention.self.layer_norm.{t}"),
-    (r"^block(?P<k>[1-9])\.(?P<j>\d+)\.attn\.proj\.(?P<t>\w+)$",
-     "segformer.encoder.block.{k1}.{j}.attention.output.dense.{t}"),
-    (r"^block(?P<k>[1-9])\.(?P<j>\d+)\.mlp\.fc1\.(?P<t>\w+)$", "segformer.encoder.block.{k1}.{j}.mlp.dense1.{t}"),
-    (r"^block(?P<k>[1-9])\.(?P<j>\d+)\.mlp\.fc2\.(?P<t>\w+)$", "segformer.encoder.block.{k1}.{j}.mlp.dense2.{t}"),
-    (r"^block(?P<k>[1-9])\.(?P<j>\d+)\.mlp\.dwconv\.dwconv\.(?P<t>\w+)$",
-     "segformer.encoder.block.{k1}.{j}.mlp.dwconv.dwconv.{t}"),
-    (r"^norm(?P<k>[1-9])\.(?P<t>\w+)$", "segformer.encoder.layer_norm.{k1}.{t}"),
-    (r"^decode_head\.linear_c(?P<k>[1-9])\.proj\.(?P<t>\w+)$", "decode_head.linear_c.{k1}.proj.{t}"),
-    (r"^decode_head\.linear_fuse\.conv\.(?P<t>\w+)$", "decode_head.linear_fuse.{t}"),
-    (r"^decode_head\.linear_fuse\.bn\.(?P<t>\w+)$", "decode_head.batch_norm.{t}"),
-    (r"^decode_head\.linear_pred\.(?P<t>\w+)$", "decode_head.classifier.{t}"),
-    (r"^head\.(?P<t>\w+)$", "classifier.{t}"),
-))
+_RULES: tuple[tuple[re.Pattern, str], ...] = tuple(
+    (re.compile(p), r)
+    for p, r in (
+        (r"^patch_embed(?P<k>[1-9])\.proj\.(?P<t>\w+)$", "segformer.encoder.patch_embeddings.{k1}.proj.{t}"),
+        (r"^patch_embed(?P<k>[1-9])\.norm\.(?P<t>\w+)$", "segformer.encoder.patch_embeddings.{k1}.layer_norm.{t}"),
+        (r"^block(?P<k>[1-9])\.(?P<j>\d+)\.norm1\.(?P<t>\w+)$", "segformer.encoder.block.{k1}.{j}.layer_norm_1.{t}"),
+        (r"^block(?P<k>[1-9])\.(?P<j>\d+)\.norm2\.(?P<t>\w+)$", "segformer.encoder.block.{k1}.{j}.layer_norm_2.{t}"),
+        (
+            r"^block(?P<k>[1-9])\.(?P<j>\d+)\.attn\.q\.(?P<t>\w+)$",
+            "segformer.encoder.block.{k1}.{j}.attention.self.query.{t}",
+        ),
+        (
+            r"^block(?P<k>[1-9])\.(?P<j>\d+)\.attn\.sr\.(?P<t>\w+)$",
+            "segformer.encoder.block.{k1}.{j}.attention.self.sr.{t}",
+        ),
+        (
+            r"^block(?P<k>[1-9])\.(?P<j>\d+)\.attn\.norm\.(?P<t>\w+)$",
+            "segformer.encoder.block.{k1}.{j}.attention.self.layer_norm.{t}",
+        ),
+        (
+            r"^block(?P<k>[1-9])\.(?P<j>\d+)\.attn\.proj\.(?P<t>\w+)$",
+            "segformer.encoder.block.{k1}.{j}.attention.output.dense.{t}",
+        ),
+        (r"^block(?P<k>[1-9])\.(?P<j>\d+)\.mlp\.fc1\.(?P<t>\w+)$", "segformer.encoder.block.{k1}.{j}.mlp.dense1.{t}"),
+        (r"^block(?P<k>[1-9])\.(?P<j>\d+)\.mlp\.fc2\.(?P<t>\w+)$", "segformer.encoder.block.{k1}.{j}.mlp.dense2.{t}"),
+        (
+            r"^block(?P<k>[1-9])\.(?P<j>\d+)\.mlp\.dwconv\.dwconv\.(?P<t>\w+)$",
+            "segformer.encoder.block.{k1}.{j}.mlp.dwconv.dwconv.{t}",
+        ),
+        (r"^norm(?P<k>[1-9])\.(?P<t>\w+)$", "segformer.encoder.layer_norm.{k1}.{t}"),
+        (r"^decode_head\.linear_c(?P<k>[1-9])\.proj\.(?P<t>\w+)$", "decode_head.linear_c.{k1}.proj.{t}"),
+        (r"^decode_head\.linear_fuse\.conv\.(?P<t>\w+)$", "decode_head.linear_fuse.{t}"),
+        (r"^decode_head\.linear_fuse\.bn\.(?P<t>\w+)$", "decode_head.batch_norm.{t}"),
+        (r"^decode_head\.linear_pred\.(?P<t>\w+)$", "decode_head.classifier.{t}"),
+        (r"^head\.(?P<t>\w+)$", "classifier.{t}"),
+    )
+)
 _KV = re.compile(r"^block(?P<k>[1-9])\.(?P<j>\d+)\.attn\.kv\.(?P<t>\w+)$")
 _DROPPED = re.compile(r"^decode_head\.conv_seg\.")
 
@@ -82,13 +97,15 @@ def _strip(key: str) -> str:
         changed = False
         for p in _PREFIXES:
             if key.startswith(p):
-                key, changed = key[len(p):], True
+                key, changed = key[len(p) :], True
     return key
 
 
 def is_nvlabs_layout(keys) -> bool:
     """True for NVlabs / mmseg SegFormer keys (patch_embed1, block1.0.attn.kv, decode_head.linear_pred...)."""
-    pattern = re.compile(r"(^|\.)(patch_embed[1-9]\.|block[1-9]\.\d+\.attn\.kv\.)|^decode_head\.linear_(pred|fuse\.conv)\.")
+    pattern = re.compile(
+        r"(^|\.)(patch_embed[1-9]\.|block[1-9]\.\d+\.attn\.kv\.)|^decode_head\.linear_(pred|fuse\.conv)\."
+    )
     return any(pattern.search(k) for k in keys)
 
 
@@ -106,8 +123,10 @@ def normalize_nvlabs(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if m is not None:
             value = np.asarray(value)
             if value.shape[0] % 2:
-                raise ValueError(f"{raw_key}: attn.kv has {value.shape[0]} output rows; expected an even number "
-                                 "(key rows then value rows)")
+                raise ValueError(
+                    f"{raw_key}: attn.kv has {value.shape[0]} output rows; expected an even number "
+                    "(key rows then value rows)"
+                )
             half = value.shape[0] // 2
             base = f"segformer.encoder.block.{int(m['k']) - 1}.{m['j']}.attention.self"
             out[f"{base}.key.{m['t']}"] = value[:half]
@@ -124,8 +143,10 @@ def normalize_nvlabs(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             key = raw_key
         out[key] = value
     if dropped:
-        logger.info("NVlabs checkpoint: ignoring %s (mmseg's unused conv_seg; SegFormerHead classifies with "
-                    "linear_pred)", ", ".join(dropped))
+        logger.info(
+            "NVlabs checkpoint: ignoring %s (mmseg's unused conv_seg; SegFormerHead classifies with linear_pred)",
+            ", ".join(dropped),
+        )
     return out
 
 
@@ -137,11 +158,17 @@ def hf_to_nvlabs(state: Mapping[str, np.ndarray], *, backbone_prefix: str = "bac
     for regex, template in _RULES:
         inv_pattern = re.escape(template).replace(r"\{k1\}", r"(?P<k1>\d+)").replace(r"\{j\}", r"(?P<j>\d+)")
         inv_pattern = "^" + inv_pattern.replace(r"\{t\}", r"(?P<t>\w+)") + "$"
-        nv_template = (regex.pattern.strip("^$")
-                       .replace(r"(?P<k>[1-9])", "{k}").replace(r"(?P<j>\d+)", "{j}").replace(r"(?P<t>\w+)", "{t}")
-                       .replace("\\.", "."))
+        nv_template = (
+            regex.pattern.strip("^$")
+            .replace(r"(?P<k>[1-9])", "{k}")
+            .replace(r"(?P<j>\d+)", "{j}")
+            .replace(r"(?P<t>\w+)", "{t}")
+            .replace("\\.", ".")
+        )
         inverse.append((re.compile(inv_pattern), nv_template))
-    kv = re.compile(r"^segformer\.encoder\.block\.(?P<k1>\d+)\.(?P<j>\d+)\.attention\.self\.(?P<kv>key|value)\.(?P<t>\w+)$")
+    kv = re.compile(
+        r"^segformer\.encoder\.block\.(?P<k1>\d+)\.(?P<j>\d+)\.attention\.self\.(?P<kv>key|value)\.(?P<t>\w+)$"
+    )
     out, pending = {}, {}
     for key, value in state.items():
         m = kv.match(key)

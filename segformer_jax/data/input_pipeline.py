@@ -67,7 +67,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import ml_collections
 import numpy as np
@@ -85,536 +85,582 @@ _MAX_CROP_TRIES = 10
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-  """Every data field with its default (the built-in ``synthetic_shapes`` recipe).
+    """Every data field with its default (the built-in ``synthetic_shapes`` recipe).
 
-  Tuples: ``crop_size``/``eval_pad_size`` are (h, w); ``scale``/``eval_scale`` are
-  (w, h) like mmseg's ``img_scale`` (only max/min matter: long/short side bounds).
-  """
-  c = ml_collections.ConfigDict()
-  # --- which data
-  c.name = "synthetic_shapes"  # 'synthetic_shapes'|'scene_parse150'|'cityscapes'|'oxford_iiit_pet'|'folder'
-  c.data_dir = ""  # TFDS data_dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
-  c.tfds_config = ""  # TFDS builder config; '' = dataset default (synthetic_shapes: 'default'|'small'; cityscapes: 'semantic_segmentation')
-  c.auto_prepare = True  # synthetic_shapes: generate it into data_dir if missing (no download)
-  c.train_split = ""  # '' = dataset default ('train'); TFDS slicing allowed, e.g. 'train[:90%]'
-  c.eval_split = ""  # '' = dataset default (validation/test split; folder: 'val')
-  c.folder = ""  # name='folder': dataset root with images/ + masks/ (or train/, val/)
-  c.val_fraction = 0.1  # folder without train/ val/: fraction of images held out for eval
-  c.split_seed = 0  # folder: seed of the deterministic train/val split
-  c.class_names_file = ""  # folder: text file, one class name per line ('' = <folder>/class_names.txt if present)
-  c.num_classes = 0  # folder without names file: number of classes (0 = max mask id + 1)
-  c.reduce_zero_label = None  # None = dataset default (True for scene_parse150); True: 0 -> 255, k -> k-1
-  c.pet_boundary_as_ignore = False  # oxford_iiit_pet: trimap border -> 255 (2 classes) instead of class 2
-  # --- training augmentation (mmseg recipe)
-  c.crop_size = (128, 128)  # (h, w) of training crops
-  c.scale = (128, 128)  # (w, h) base resize scale (mmseg img_scale), multiplied by ratio; None = the image's own size
-  c.ratio_range = (0.5, 2.0)  # random resize ratio range; None = resize exactly to scale
-  c.cat_max_ratio = 0.75  # max fraction of one class in a crop (retries); 1.0 = plain random crop
-  c.flip_prob = 0.5  # horizontal flip probability
-  c.photometric = True  # apply mmseg PhotoMetricDistortion
-  c.brightness_delta = 32  # PhotoMetricDistortion brightness delta (0..255 units)
-  c.contrast_range = (0.5, 1.5)  # PhotoMetricDistortion contrast factor range
-  c.saturation_range = (0.5, 1.5)  # PhotoMetricDistortion saturation factor range
-  c.hue_delta = 18  # PhotoMetricDistortion hue delta (OpenCV units: 180 = full turn)
-  c.mean = IMAGENET_MEAN  # normalisation mean (RGB, 0..255)
-  c.std = IMAGENET_STD  # normalisation std (RGB, 0..255)
-  # --- evaluation
-  c.eval_scale = (128, 128)  # (w, h) keep-ratio resize scale for eval; None = original size
-  c.eval_pad_size = (128, 128)  # (h, w) static eval shape (pad; shrink if larger); None = no padding (batch_size 1)
-  c.eval_size_divisor = 0  # round the eval size up to a multiple (NVlabs AlignedResize: 32 for ADE20K); 0 = off
-  # --- tf.data
-  c.shuffle_buffer = 2048  # records (still encoded) in the per-epoch shuffle buffer
-  c.num_parallel_calls = -1  # parallel decode/augment calls; -1 = AUTOTUNE
-  c.prefetch = 2  # batches prefetched
-  c.cache_eval_records = False  # keep the encoded eval records in memory after the first pass
-  return c
+    Tuples: ``crop_size``/``eval_pad_size`` are (h, w); ``scale``/``eval_scale`` are
+    (w, h) like mmseg's ``img_scale`` (only max/min matter: long/short side bounds).
+    """
+    c = ml_collections.ConfigDict()
+    # --- which data
+    c.name = "synthetic_shapes"  # 'synthetic_shapes'|'scene_parse150'|'cityscapes'|'oxford_iiit_pet'|'folder'
+    c.data_dir = ""  # TFDS data_dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    # TFDS builder config; '' = dataset default (synthetic_shapes: 'default'|'small'; cityscapes:
+    # 'semantic_segmentation')
+    c.tfds_config = ""
+    c.auto_prepare = True  # synthetic_shapes: generate it into data_dir if missing (no download)
+    c.train_split = ""  # '' = dataset default ('train'); TFDS slicing allowed, e.g. 'train[:90%]'
+    c.eval_split = ""  # '' = dataset default (validation/test split; folder: 'val')
+    c.folder = ""  # name='folder': dataset root with images/ + masks/ (or train/, val/)
+    c.val_fraction = 0.1  # folder without train/ val/: fraction of images held out for eval
+    c.split_seed = 0  # folder: seed of the deterministic train/val split
+    c.class_names_file = ""  # folder: text file, one class name per line ('' = <folder>/class_names.txt if present)
+    c.num_classes = 0  # folder without names file: number of classes (0 = max mask id + 1)
+    c.reduce_zero_label = None  # None = dataset default (True for scene_parse150); True: 0 -> 255, k -> k-1
+    c.pet_boundary_as_ignore = False  # oxford_iiit_pet: trimap border -> 255 (2 classes) instead of class 2
+    # --- training augmentation (mmseg recipe)
+    c.crop_size = (128, 128)  # (h, w) of training crops
+    c.scale = (128, 128)  # (w, h) base resize scale (mmseg img_scale), multiplied by ratio; None = the image's own size
+    c.ratio_range = (0.5, 2.0)  # random resize ratio range; None = resize exactly to scale
+    c.cat_max_ratio = 0.75  # max fraction of one class in a crop (retries); 1.0 = plain random crop
+    c.flip_prob = 0.5  # horizontal flip probability
+    c.photometric = True  # apply mmseg PhotoMetricDistortion
+    c.brightness_delta = 32  # PhotoMetricDistortion brightness delta (0..255 units)
+    c.contrast_range = (0.5, 1.5)  # PhotoMetricDistortion contrast factor range
+    c.saturation_range = (0.5, 1.5)  # PhotoMetricDistortion saturation factor range
+    c.hue_delta = 18  # PhotoMetricDistortion hue delta (OpenCV units: 180 = full turn)
+    c.mean = IMAGENET_MEAN  # normalisation mean (RGB, 0..255)
+    c.std = IMAGENET_STD  # normalisation std (RGB, 0..255)
+    # --- evaluation
+    c.eval_scale = (128, 128)  # (w, h) keep-ratio resize scale for eval; None = original size
+    c.eval_pad_size = (128, 128)  # (h, w) static eval shape (pad; shrink if larger); None = no padding (batch_size 1)
+    c.eval_size_divisor = 0  # round the eval size up to a multiple (NVlabs AlignedResize: 32 for ADE20K); 0 = off
+    # --- tf.data
+    c.shuffle_buffer = 2048  # records (still encoded) in the per-epoch shuffle buffer
+    c.num_parallel_calls = -1  # parallel decode/augment calls; -1 = AUTOTUNE
+    c.prefetch = 2  # batches prefetched
+    c.cache_eval_records = False  # keep the encoded eval records in memory after the first pass
+    return c
 
 
 _PRESETS = {
     # NVlabs SegFormer ADE20K 512x512 recipe.
-    "scene_parse150": dict(crop_size=(512, 512), scale=(2048, 512),
-                           eval_scale=(2048, 512), eval_pad_size=(1024, 1024),
-                           eval_size_divisor=32, shuffle_buffer=1024),
+    "scene_parse150": dict(
+        crop_size=(512, 512),
+        scale=(2048, 512),
+        eval_scale=(2048, 512),
+        eval_pad_size=(1024, 1024),
+        eval_size_divisor=32,
+        shuffle_buffer=1024,
+    ),
     # NVlabs SegFormer Cityscapes 1024x1024 recipe (eval: sliding window 1024, stride 768).
-    "cityscapes": dict(crop_size=(1024, 1024), scale=(2048, 1024),
-                       eval_scale=(2048, 1024), eval_pad_size=(1024, 2048),
-                       shuffle_buffer=256),
-    "oxford_iiit_pet": dict(crop_size=(512, 512), scale=(512, 512),
-                            eval_scale=(512, 512), eval_pad_size=(512, 512),
-                            shuffle_buffer=1024),
+    "cityscapes": dict(
+        crop_size=(1024, 1024),
+        scale=(2048, 1024),
+        eval_scale=(2048, 1024),
+        eval_pad_size=(1024, 2048),
+        shuffle_buffer=256,
+    ),
+    "oxford_iiit_pet": dict(
+        crop_size=(512, 512), scale=(512, 512), eval_scale=(512, 512), eval_pad_size=(512, 512), shuffle_buffer=1024
+    ),
     "synthetic_shapes": dict(),
-    "folder": dict(crop_size=(512, 512), scale=(2048, 512),
-                   eval_scale=(2048, 512), eval_pad_size=(1024, 1024),
-                   shuffle_buffer=1024),
+    "folder": dict(
+        crop_size=(512, 512), scale=(2048, 512), eval_scale=(2048, 512), eval_pad_size=(1024, 1024), shuffle_buffer=1024
+    ),
 }
 
 
 def dataset_preset(name: str) -> ml_collections.ConfigDict:
-  """``default_data_config()`` with the recipe sizes of dataset ``name``."""
-  if name not in _PRESETS:
-    raise ValueError(f"No preset for {name!r}; known: {sorted(_PRESETS)}")
-  c = default_data_config()
-  c.name = name
-  for k, v in _PRESETS[name].items():
-    setattr(c, k, v)
-  return c
+    """``default_data_config()`` with the recipe sizes of dataset ``name``."""
+    if name not in _PRESETS:
+        raise ValueError(f"No preset for {name!r}; known: {sorted(_PRESETS)}")
+    c = default_data_config()
+    c.name = name
+    for k, v in _PRESETS[name].items():
+        setattr(c, k, v)
+    return c
 
 
 def _get(cfg, key):
-  """Field of ``cfg`` with the default of ``default_data_config`` if absent."""
-  if key in cfg:
-    return cfg[key]
-  return default_data_config()[key]
+    """Field of ``cfg`` with the default of ``default_data_config`` if absent."""
+    if key in cfg:
+        return cfg[key]
+    return default_data_config()[key]
 
 
 # ---------------------------------------------------------------------------- source
 
 _SOURCE_CACHE: dict = {}
 _SOURCE_LOCK = threading.Lock()
-_SOURCE_KEYS = ("name", "data_dir", "tfds_config", "auto_prepare", "train_split",
-                "eval_split", "folder", "val_fraction", "split_seed",
-                "class_names_file", "num_classes", "reduce_zero_label",
-                "pet_boundary_as_ignore")
+_SOURCE_KEYS = (
+    "name",
+    "data_dir",
+    "tfds_config",
+    "auto_prepare",
+    "train_split",
+    "eval_split",
+    "folder",
+    "val_fraction",
+    "split_seed",
+    "class_names_file",
+    "num_classes",
+    "reduce_zero_label",
+    "pet_boundary_as_ignore",
+)
 
 
 def _source_key(cfg):
-  key = tuple((k, repr(cfg.get(k, None))) for k in _SOURCE_KEYS)
-  if cfg.get("name") == "folder" and cfg.get("folder"):
-    # Re-scan when files were added/removed (directory mtimes change).
-    stamps = []
-    for sub in ("", "images", "masks", "train/images", "train/masks",
-                "val/images", "val/masks", "validation/images", "validation/masks"):
-      p = os.path.join(os.path.expanduser(cfg.folder), sub)
-      stamps.append(os.stat(p).st_mtime_ns if os.path.isdir(p) else 0)
-    key += (tuple(stamps),)
-  return key
+    key = tuple((k, repr(cfg.get(k, None))) for k in _SOURCE_KEYS)
+    if cfg.get("name") == "folder" and cfg.get("folder"):
+        # Re-scan when files were added/removed (directory mtimes change).
+        stamps = []
+        for sub in (
+            "",
+            "images",
+            "masks",
+            "train/images",
+            "train/masks",
+            "val/images",
+            "val/masks",
+            "validation/images",
+            "validation/masks",
+        ):
+            p = os.path.join(os.path.expanduser(cfg.folder), sub)
+            stamps.append(os.stat(p).st_mtime_ns if os.path.isdir(p) else 0)
+        key += (tuple(stamps),)
+    return key
 
 
 def get_source(cfg) -> sources.Source:
-  """The (cached) :class:`sources.Source` of a data config."""
-  key = _source_key(cfg)
-  with _SOURCE_LOCK:
-    if key not in _SOURCE_CACHE:
-      _SOURCE_CACHE[key] = sources.get_source(cfg)
-    return _SOURCE_CACHE[key]
+    """The (cached) :class:`sources.Source` of a data config."""
+    key = _source_key(cfg)
+    with _SOURCE_LOCK:
+        if key not in _SOURCE_CACHE:
+            _SOURCE_CACHE[key] = sources.get_source(cfg)
+        return _SOURCE_CACHE[key]
 
 
 def clear_source_cache() -> None:
-  with _SOURCE_LOCK:
-    _SOURCE_CACHE.clear()
+    with _SOURCE_LOCK:
+        _SOURCE_CACHE.clear()
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-  name: str
-  num_classes: int
-  class_names: list
-  palette: np.ndarray  # uint8 [num_classes, 3]
-  num_train_examples: int  # whole train split (all hosts)
-  num_eval_examples: int  # whole eval split (all hosts)
-  ignore_index: int = IGNORE_INDEX
+    name: str
+    num_classes: int
+    class_names: list
+    palette: np.ndarray  # uint8 [num_classes, 3]
+    num_train_examples: int  # whole train split (all hosts)
+    num_eval_examples: int  # whole eval split (all hosts)
+    ignore_index: int = IGNORE_INDEX
 
 
 def get_dataset_info(data_config) -> DatasetInfo:
-  src = get_source(data_config)
-  return DatasetInfo(
-      name=src.name,
-      num_classes=src.num_classes,
-      class_names=list(src.class_names),
-      palette=np.asarray(src.palette, np.uint8),
-      num_train_examples=src.num_examples(src.train_split),
-      num_eval_examples=src.num_examples(src.eval_split),
-  )
+    src = get_source(data_config)
+    return DatasetInfo(
+        name=src.name,
+        num_classes=src.num_classes,
+        class_names=list(src.class_names),
+        palette=np.asarray(src.palette, np.uint8),
+        num_train_examples=src.num_examples(src.train_split),
+        num_eval_examples=src.num_examples(src.eval_split),
+    )
 
 
 # ------------------------------------------------------------------------ transforms
 
 
 def _rescale_size(h, w, scale_long, scale_short):
-  """mmcv imrescale: new (h, w) keeping aspect ratio within (long, short) bounds."""
-  hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
-  factor = tf.minimum(tf.cast(scale_long, tf.float32) / tf.maximum(hf, wf),
-                      tf.cast(scale_short, tf.float32) / tf.minimum(hf, wf))
-  nh = tf.cast(tf.floor(hf * factor + 0.5), tf.int32)
-  nw = tf.cast(tf.floor(wf * factor + 0.5), tf.int32)
-  return tf.maximum(nh, 1), tf.maximum(nw, 1)
+    """mmcv imrescale: new (h, w) keeping aspect ratio within (long, short) bounds."""
+    hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
+    factor = tf.minimum(
+        tf.cast(scale_long, tf.float32) / tf.maximum(hf, wf), tf.cast(scale_short, tf.float32) / tf.minimum(hf, wf)
+    )
+    nh = tf.cast(tf.floor(hf * factor + 0.5), tf.int32)
+    nw = tf.cast(tf.floor(wf * factor + 0.5), tf.int32)
+    return tf.maximum(nh, 1), tf.maximum(nw, 1)
 
 
 def _resize_pair(image, label, nh, nw):
-  """Image bilinear (rounded to uint8 values, as cv2 on uint8), label nearest.
+    """Image bilinear (rounded to uint8 values, as cv2 on uint8), label nearest.
 
-  A no-op (but for the float32 cast) when the size does not change.
-  """
-  image = tf.cast(image, tf.float32)
-  same = tf.logical_and(tf.equal(tf.shape(image)[0], nh), tf.equal(tf.shape(image)[1], nw))
+    A no-op (but for the float32 cast) when the size does not change.
+    """
+    image = tf.cast(image, tf.float32)
+    same = tf.logical_and(tf.equal(tf.shape(image)[0], nh), tf.equal(tf.shape(image)[1], nw))
 
-  def resize():
-    img = tf.image.resize(image, tf.stack([nh, nw]), method="bilinear", antialias=False)
-    img = tf.clip_by_value(tf.round(img), 0.0, 255.0)
-    lab = tf.image.resize(label[..., None], tf.stack([nh, nw]), method="nearest")[..., 0]
-    return img, lab
+    def resize():
+        img = tf.image.resize(image, tf.stack([nh, nw]), method="bilinear", antialias=False)
+        img = tf.clip_by_value(tf.round(img), 0.0, 255.0)
+        lab = tf.image.resize(label[..., None], tf.stack([nh, nw]), method="nearest")[..., 0]
+        return img, lab
 
-  image, label = tf.cond(same, lambda: (image, label), resize)
-  return tf.ensure_shape(image, [None, None, 3]), tf.ensure_shape(label, [None, None])
+    image, label = tf.cond(same, lambda: (image, label), resize)
+    return tf.ensure_shape(image, [None, None, 3]), tf.ensure_shape(label, [None, None])
 
 
 def _uniform(key, minval=0.0, maxval=1.0):
-  return tf.random.stateless_uniform([], seed=key, minval=minval, maxval=maxval)
+    return tf.random.stateless_uniform([], seed=key, minval=minval, maxval=maxval)
 
 
 def _coin(key):
-  """numpy's random.randint(2) == 1 (probability 1/2)."""
-  return _uniform(key) < 0.5
+    """numpy's random.randint(2) == 1 (probability 1/2)."""
+    return _uniform(key) < 0.5
 
 
 def _crop_ok(label, oy, ox, crop_h, crop_w, cat_max_ratio):
-  crop = label[oy:oy + crop_h, ox:ox + crop_w]
-  counts = tf.math.bincount(tf.reshape(tf.cast(crop, tf.int32), [-1]),
-                            minlength=256, maxlength=256, dtype=tf.int32)
-  counts = tf.tensor_scatter_nd_update(counts, [[IGNORE_INDEX]], [0])
-  present = tf.math.count_nonzero(counts)
-  total = tf.reduce_sum(counts)
-  ratio = tf.cast(tf.reduce_max(counts), tf.float32) / tf.cast(tf.maximum(total, 1), tf.float32)
-  return tf.logical_and(present > 1, ratio < cat_max_ratio)
+    crop = label[oy : oy + crop_h, ox : ox + crop_w]
+    counts = tf.math.bincount(tf.reshape(tf.cast(crop, tf.int32), [-1]), minlength=256, maxlength=256, dtype=tf.int32)
+    counts = tf.tensor_scatter_nd_update(counts, [[IGNORE_INDEX]], [0])
+    present = tf.math.count_nonzero(counts)
+    total = tf.reduce_sum(counts)
+    ratio = tf.cast(tf.reduce_max(counts), tf.float32) / tf.cast(tf.maximum(total, 1), tf.float32)
+    return tf.logical_and(present > 1, ratio < cat_max_ratio)
 
 
 def _random_crop(image, label, crop_h, crop_w, cat_max_ratio, key):
-  h, w = tf.shape(label)[0], tf.shape(label)[1]
-  margin_h = tf.maximum(h - crop_h, 0)
-  margin_w = tf.maximum(w - crop_w, 0)
+    h, w = tf.shape(label)[0], tf.shape(label)[1]
+    margin_h = tf.maximum(h - crop_h, 0)
+    margin_w = tf.maximum(w - crop_w, 0)
 
-  def offsets(i):
-    k = tf.random.fold_in(key, tf.cast(i, tf.int64))
-    oy = tf.random.stateless_uniform([], seed=k, minval=0, maxval=margin_h + 1, dtype=tf.int32)
-    k2 = tf.random.fold_in(k, 1)
-    ox = tf.random.stateless_uniform([], seed=k2, minval=0, maxval=margin_w + 1, dtype=tf.int32)
-    return oy, ox
+    def offsets(i):
+        k = tf.random.fold_in(key, tf.cast(i, tf.int64))
+        oy = tf.random.stateless_uniform([], seed=k, minval=0, maxval=margin_h + 1, dtype=tf.int32)
+        k2 = tf.random.fold_in(k, 1)
+        ox = tf.random.stateless_uniform([], seed=k2, minval=0, maxval=margin_w + 1, dtype=tf.int32)
+        return oy, ox
 
-  oy, ox = offsets(0)
-  if cat_max_ratio < 1.0:
-    def cond(i, oy, ox):
-      return tf.logical_and(i < _MAX_CROP_TRIES,
-                            tf.logical_not(_crop_ok(label, oy, ox, crop_h, crop_w, cat_max_ratio)))
+    oy, ox = offsets(0)
+    if cat_max_ratio < 1.0:
 
-    def body(i, oy, ox):
-      oy, ox = offsets(i + 1)
-      return i + 1, oy, ox
+        def cond(i, oy, ox):
+            return tf.logical_and(
+                i < _MAX_CROP_TRIES, tf.logical_not(_crop_ok(label, oy, ox, crop_h, crop_w, cat_max_ratio))
+            )
 
-    _, oy, ox = tf.while_loop(cond, body, [tf.constant(0), oy, ox])
-  return (image[oy:oy + crop_h, ox:ox + crop_w], label[oy:oy + crop_h, ox:ox + crop_w])
+        def body(i, oy, ox):
+            oy, ox = offsets(i + 1)
+            return i + 1, oy, ox
+
+        _, oy, ox = tf.while_loop(cond, body, [tf.constant(0), oy, ox])
+    return (image[oy : oy + crop_h, ox : ox + crop_w], label[oy : oy + crop_h, ox : ox + crop_w])
 
 
 def _convert(img, alpha=1.0, beta=0.0):
-  """mmseg PhotoMetricDistortion.convert: x*alpha + beta, clip, truncate to uint8."""
-  return tf.floor(tf.clip_by_value(img * alpha + beta, 0.0, 255.0))
+    """mmseg PhotoMetricDistortion.convert: x*alpha + beta, clip, truncate to uint8."""
+    return tf.floor(tf.clip_by_value(img * alpha + beta, 0.0, 255.0))
 
 
 def photometric_distortion(image, key, cfg):
-  """mmseg PhotoMetricDistortion on float32 RGB 0..255 (integer-valued) images."""
-  keys = tf.random.split(key, 10)
-  bd = float(_get(cfg, "brightness_delta"))
-  c_lo, c_hi = (float(x) for x in _get(cfg, "contrast_range"))
-  s_lo, s_hi = (float(x) for x in _get(cfg, "saturation_range"))
-  hue_delta = int(_get(cfg, "hue_delta"))
+    """mmseg PhotoMetricDistortion on float32 RGB 0..255 (integer-valued) images."""
+    keys = tf.random.split(key, 10)
+    bd = float(_get(cfg, "brightness_delta"))
+    c_lo, c_hi = (float(x) for x in _get(cfg, "contrast_range"))
+    s_lo, s_hi = (float(x) for x in _get(cfg, "saturation_range"))
+    hue_delta = int(_get(cfg, "hue_delta"))
 
-  # brightness
-  image = tf.cond(_coin(keys[0]),
-                  lambda: _convert(image, beta=_uniform(keys[1], -bd, bd)),
-                  lambda: image)
-  contrast_first = _coin(keys[2])  # mmseg: mode == 1 -> contrast before colour
+    # brightness
+    image = tf.cond(_coin(keys[0]), lambda: _convert(image, beta=_uniform(keys[1], -bd, bd)), lambda: image)
+    contrast_first = _coin(keys[2])  # mmseg: mode == 1 -> contrast before colour
 
-  def contrast(img):
-    return tf.cond(_coin(keys[3]),
-                   lambda: _convert(img, alpha=_uniform(keys[4], c_lo, c_hi)),
-                   lambda: img)
+    def contrast(img):
+        return tf.cond(_coin(keys[3]), lambda: _convert(img, alpha=_uniform(keys[4], c_lo, c_hi)), lambda: img)
 
-  image = tf.cond(contrast_first, lambda: contrast(image), lambda: image)
+    image = tf.cond(contrast_first, lambda: contrast(image), lambda: image)
 
-  def to_hsv(img):
-    return tf.image.rgb_to_hsv(img / 255.0)
+    def to_hsv(img):
+        return tf.image.rgb_to_hsv(img / 255.0)
 
-  def from_hsv(hsv):
-    return tf.clip_by_value(tf.round(tf.image.hsv_to_rgb(hsv) * 255.0), 0.0, 255.0)
+    def from_hsv(hsv):
+        return tf.clip_by_value(tf.round(tf.image.hsv_to_rgb(hsv) * 255.0), 0.0, 255.0)
 
-  def saturation(img):
-    hsv = to_hsv(img)
-    s = _convert(hsv[..., 1] * 255.0, alpha=_uniform(keys[6], s_lo, s_hi)) / 255.0
-    return from_hsv(tf.stack([hsv[..., 0], s, hsv[..., 2]], axis=-1))
+    def saturation(img):
+        hsv = to_hsv(img)
+        s = _convert(hsv[..., 1] * 255.0, alpha=_uniform(keys[6], s_lo, s_hi)) / 255.0
+        return from_hsv(tf.stack([hsv[..., 0], s, hsv[..., 2]], axis=-1))
 
-  image = tf.cond(_coin(keys[5]), lambda: saturation(image), lambda: image)
+    image = tf.cond(_coin(keys[5]), lambda: saturation(image), lambda: image)
 
-  def hue(img):
-    hsv = to_hsv(img)
-    delta = tf.random.stateless_uniform([], seed=keys[8], minval=-hue_delta,
-                                        maxval=hue_delta, dtype=tf.int32)
-    h = tf.math.floormod(hsv[..., 0] + tf.cast(delta, tf.float32) / 180.0, 1.0)
-    return from_hsv(tf.stack([h, hsv[..., 1], hsv[..., 2]], axis=-1))
+    def hue(img):
+        hsv = to_hsv(img)
+        delta = tf.random.stateless_uniform([], seed=keys[8], minval=-hue_delta, maxval=hue_delta, dtype=tf.int32)
+        h = tf.math.floormod(hsv[..., 0] + tf.cast(delta, tf.float32) / 180.0, 1.0)
+        return from_hsv(tf.stack([h, hsv[..., 1], hsv[..., 2]], axis=-1))
 
-  if hue_delta > 0:
-    image = tf.cond(_coin(keys[7]), lambda: hue(image), lambda: image)
-  image = tf.cond(contrast_first, lambda: image, lambda: contrast(image))
-  return image
+    if hue_delta > 0:
+        image = tf.cond(_coin(keys[7]), lambda: hue(image), lambda: image)
+    image = tf.cond(contrast_first, lambda: image, lambda: contrast(image))
+    return image
 
 
 def _normalize(image, cfg):
-  mean = tf.constant(_get(cfg, "mean"), tf.float32)
-  std = tf.constant(_get(cfg, "std"), tf.float32)
-  return (tf.cast(image, tf.float32) - mean) / std
+    mean = tf.constant(_get(cfg, "mean"), tf.float32)
+    std = tf.constant(_get(cfg, "std"), tf.float32)
+    return (tf.cast(image, tf.float32) - mean) / std
 
 
 def _pad_to(image, label, out_h, out_w):
-  h, w = tf.shape(label)[0], tf.shape(label)[1]
-  pads = [[0, out_h - h], [0, out_w - w]]
-  image = tf.pad(image, pads + [[0, 0]], constant_values=0.0)
-  label = tf.pad(label, pads, constant_values=IGNORE_INDEX)
-  return tf.ensure_shape(image, [out_h, out_w, 3]), tf.ensure_shape(label, [out_h, out_w])
+    h, w = tf.shape(label)[0], tf.shape(label)[1]
+    pads = [[0, out_h - h], [0, out_w - w]]
+    image = tf.pad(image, pads + [[0, 0]], constant_values=0.0)
+    label = tf.pad(label, pads, constant_values=IGNORE_INDEX)
+    return tf.ensure_shape(image, [out_h, out_w, 3]), tf.ensure_shape(label, [out_h, out_w])
 
 
 def train_transform(image, label, key, cfg):
-  """The training transforms (module doc) of one example.
+    """The training transforms (module doc) of one example.
 
-  Args: image uint8 [H, W, 3], label uint8 [H, W] (train ids, 255 ignore), key: a
-  stateless seed (int64 [2]). Returns {"image": float32 [ch, cw, 3], "label": int32
-  [ch, cw]}.
-  """
-  crop_h, crop_w = (int(x) for x in _get(cfg, "crop_size"))
-  keys = tf.random.split(key, 4)
-  scale = _get(cfg, "scale")
-  if scale:
-    scale_w, scale_h = (tf.constant(float(x)) for x in scale)
-  else:  # mmseg img_scale=None: the ratio applies to the image's own size
-    scale_w = tf.cast(tf.shape(image)[1], tf.float32)
-    scale_h = tf.cast(tf.shape(image)[0], tf.float32)
-  ratio_range = _get(cfg, "ratio_range")
-  if ratio_range:
-    r = _uniform(keys[0], float(ratio_range[0]), float(ratio_range[1]))
-  else:
-    r = tf.constant(1.0)
-  # mmseg: scale = int(img_scale[0] * ratio), int(img_scale[1] * ratio)
-  sw = tf.floor(scale_w * r)
-  sh = tf.floor(scale_h * r)
-  nh, nw = _rescale_size(tf.shape(image)[0], tf.shape(image)[1],
-                         tf.maximum(sw, sh), tf.minimum(sw, sh))
-  image, label = _resize_pair(image, label, nh, nw)
-  image, label = _random_crop(image, label, crop_h, crop_w,
-                              float(_get(cfg, "cat_max_ratio")), keys[1])
-  flip = _uniform(keys[2]) < float(_get(cfg, "flip_prob"))
-  image = tf.cond(flip, lambda: image[:, ::-1], lambda: image)
-  label = tf.cond(flip, lambda: label[:, ::-1], lambda: label)
-  if _get(cfg, "photometric"):
-    image = photometric_distortion(image, keys[3], cfg)
-  image = _normalize(image, cfg)
-  image, label = _pad_to(image, label, crop_h, crop_w)
-  return {"image": image, "label": tf.cast(label, tf.int32)}
+    Args: image uint8 [H, W, 3], label uint8 [H, W] (train ids, 255 ignore), key: a
+    stateless seed (int64 [2]). Returns {"image": float32 [ch, cw, 3], "label": int32
+    [ch, cw]}.
+    """
+    crop_h, crop_w = (int(x) for x in _get(cfg, "crop_size"))
+    keys = tf.random.split(key, 4)
+    scale = _get(cfg, "scale")
+    if scale:
+        scale_w, scale_h = (tf.constant(float(x)) for x in scale)
+    else:  # mmseg img_scale=None: the ratio applies to the image's own size
+        scale_w = tf.cast(tf.shape(image)[1], tf.float32)
+        scale_h = tf.cast(tf.shape(image)[0], tf.float32)
+    ratio_range = _get(cfg, "ratio_range")
+    if ratio_range:
+        r = _uniform(keys[0], float(ratio_range[0]), float(ratio_range[1]))
+    else:
+        r = tf.constant(1.0)
+    # mmseg: scale = int(img_scale[0] * ratio), int(img_scale[1] * ratio)
+    sw = tf.floor(scale_w * r)
+    sh = tf.floor(scale_h * r)
+    nh, nw = _rescale_size(tf.shape(image)[0], tf.shape(image)[1], tf.maximum(sw, sh), tf.minimum(sw, sh))
+    image, label = _resize_pair(image, label, nh, nw)
+    image, label = _random_crop(image, label, crop_h, crop_w, float(_get(cfg, "cat_max_ratio")), keys[1])
+    flip = _uniform(keys[2]) < float(_get(cfg, "flip_prob"))
+    image = tf.cond(flip, lambda: image[:, ::-1], lambda: image)
+    label = tf.cond(flip, lambda: label[:, ::-1], lambda: label)
+    if _get(cfg, "photometric"):
+        image = photometric_distortion(image, keys[3], cfg)
+    image = _normalize(image, cfg)
+    image, label = _pad_to(image, label, crop_h, crop_w)
+    return {"image": image, "label": tf.cast(label, tf.int32)}
 
 
 def eval_size_divisor(cfg) -> int | None:
-  """The eval size divisor of a data config (NVlabs AlignedResize), None when off (0 or 1)."""
-  divisor = int(_get(cfg, "eval_size_divisor") or 0)
-  return divisor if divisor > 1 else None
+    """The eval size divisor of a data config (NVlabs AlignedResize), None when off (0 or 1)."""
+    divisor = int(_get(cfg, "eval_size_divisor") or 0)
+    return divisor if divisor > 1 else None
 
 
 def eval_transform(image, label, cfg):
-  """Eval geometry (module doc). Returns image/label/image_size (not batched)."""
-  h, w = tf.shape(image)[0], tf.shape(image)[1]
-  eval_scale = _get(cfg, "eval_scale")
-  pad = _get(cfg, "eval_pad_size")
-  if eval_scale:
-    sw, sh = (float(x) for x in eval_scale)
-    nh, nw = _rescale_size(h, w, max(sw, sh), min(sw, sh))
-  else:
-    nh, nw = h, w
-  if pad:
-    ph, pw = (int(x) for x in pad)
-    # Shrink (keep ratio) only when the resized image does not fit the pad shape.
-    f = tf.minimum(1.0, tf.minimum(ph / tf.cast(nh, tf.float32), pw / tf.cast(nw, tf.float32)))
-    nh = tf.where(f < 1.0, tf.minimum(tf.cast(tf.floor(tf.cast(nh, tf.float32) * f + 0.5), tf.int32), ph), nh)
-    nw = tf.where(f < 1.0, tf.minimum(tf.cast(tf.floor(tf.cast(nw, tf.float32) * f + 0.5), tf.int32), pw), nw)
-  divisor = eval_size_divisor(cfg)
-  if divisor:   # NVlabs AlignedResize; fits the pad shape, a multiple of the divisor (checked)
-    nh = (nh + divisor - 1) // divisor * divisor
-    nw = (nw + divisor - 1) // divisor * divisor
-  image, label = _resize_pair(image, label, nh, nw)
-  image = _normalize(image, cfg)
-  if pad:
-    image, label = _pad_to(image, label, ph, pw)
-  return {"image": image, "label": tf.cast(label, tf.int32),
-          "image_size": tf.stack([nh, nw])}
+    """Eval geometry (module doc). Returns image/label/image_size (not batched)."""
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    eval_scale = _get(cfg, "eval_scale")
+    pad = _get(cfg, "eval_pad_size")
+    if eval_scale:
+        sw, sh = (float(x) for x in eval_scale)
+        nh, nw = _rescale_size(h, w, max(sw, sh), min(sw, sh))
+    else:
+        nh, nw = h, w
+    if pad:
+        ph, pw = (int(x) for x in pad)
+        # Shrink (keep ratio) only when the resized image does not fit the pad shape.
+        f = tf.minimum(1.0, tf.minimum(ph / tf.cast(nh, tf.float32), pw / tf.cast(nw, tf.float32)))
+        nh = tf.where(f < 1.0, tf.minimum(tf.cast(tf.floor(tf.cast(nh, tf.float32) * f + 0.5), tf.int32), ph), nh)
+        nw = tf.where(f < 1.0, tf.minimum(tf.cast(tf.floor(tf.cast(nw, tf.float32) * f + 0.5), tf.int32), pw), nw)
+    divisor = eval_size_divisor(cfg)
+    if divisor:  # NVlabs AlignedResize; fits the pad shape, a multiple of the divisor (checked)
+        nh = (nh + divisor - 1) // divisor * divisor
+        nw = (nw + divisor - 1) // divisor * divisor
+    image, label = _resize_pair(image, label, nh, nw)
+    image = _normalize(image, cfg)
+    if pad:
+        image, label = _pad_to(image, label, ph, pw)
+    return {"image": image, "label": tf.cast(label, tf.int32), "image_size": tf.stack([nh, nw])}
 
 
 # -------------------------------------------------------------------------- datasets
 
 
 def _num_calls(cfg):
-  n = int(_get(cfg, "num_parallel_calls"))
-  return tf.data.AUTOTUNE if n < 0 else max(n, 1)
+    n = int(_get(cfg, "num_parallel_calls"))
+    return tf.data.AUTOTUNE if n < 0 else max(n, 1)
 
 
 def _options():
-  options = tf.data.Options()
-  options.deterministic = True
-  options.experimental_optimization.map_parallelization = True
-  return options
+    options = tf.data.Options()
+    options.deterministic = True
+    options.experimental_optimization.map_parallelization = True
+    return options
 
 
 def _shard_size(n: int, process_index: int, process_count: int) -> int:
-  return len(range(process_index, n, process_count))
+    return len(range(process_index, n, process_count))
 
 
 def _check_hosts(process_index, process_count):
-  if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(f"Bad process_index={process_index} / process_count={process_count}.")
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"Bad process_index={process_index} / process_count={process_count}.")
 
 
-def make_train_dataset(data_config, global_batch_size: int, *, seed: int,
-                       start_step: int = 0, process_index: int = 0,
-                       process_count: int = 1) -> tf.data.Dataset:
-  """The (infinite, batched) training tf.data.Dataset of this host. See module doc."""
-  _check_hosts(process_index, process_count)
-  if global_batch_size % process_count:
-    raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
-                     f"process_count={process_count}.")
-  local_batch = global_batch_size // process_count
-  if local_batch < 1:
-    raise ValueError("global_batch_size must be >= process_count.")
-  src = get_source(data_config)
-  n_total = src.num_examples(src.train_split)
-  n = _shard_size(n_total, process_index, process_count)
-  if n == 0:
-    raise ValueError(f"The train split {src.train_split!r} of {src.name!r} has "
-                     f"{n_total} examples: none for host {process_index}/{process_count}.")
-  records = src.records(src.train_split).shard(process_count, process_index)
-  start_pos = int(start_step) * local_batch
-  start_epoch, offset = divmod(start_pos, n)
-  base = tf.random.fold_in(tf.constant([int(seed), 0x5E6F], tf.int64), process_index)
-  shuffle_key = tf.random.fold_in(base, 1)
-  augment_key = tf.random.fold_in(base, 2)
-  buffer = min(int(_get(data_config, "shuffle_buffer")), n)
+def make_train_dataset(
+    data_config,
+    global_batch_size: int,
+    *,
+    seed: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> tf.data.Dataset:
+    """The (infinite, batched) training tf.data.Dataset of this host. See module doc."""
+    _check_hosts(process_index, process_count)
+    if global_batch_size % process_count:
+        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by process_count={process_count}.")
+    local_batch = global_batch_size // process_count
+    if local_batch < 1:
+        raise ValueError("global_batch_size must be >= process_count.")
+    src = get_source(data_config)
+    n_total = src.num_examples(src.train_split)
+    n = _shard_size(n_total, process_index, process_count)
+    if n == 0:
+        raise ValueError(
+            f"The train split {src.train_split!r} of {src.name!r} has "
+            f"{n_total} examples: none for host {process_index}/{process_count}."
+        )
+    records = src.records(src.train_split).shard(process_count, process_index)
+    start_pos = int(start_step) * local_batch
+    start_epoch, offset = divmod(start_pos, n)
+    base = tf.random.fold_in(tf.constant([int(seed), 0x5E6F], tf.int64), process_index)
+    shuffle_key = tf.random.fold_in(base, 1)
+    augment_key = tf.random.fold_in(base, 2)
+    buffer = min(int(_get(data_config, "shuffle_buffer")), n)
 
-  def epoch_records(epoch):
-    ds = records
-    if buffer > 1:
-      epoch_seed = tf.random.stateless_uniform(
-          [], seed=tf.random.fold_in(shuffle_key, epoch), minval=1,
-          maxval=2**62, dtype=tf.int64)
-      ds = ds.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
-    return ds.skip(tf.where(epoch == start_epoch, tf.constant(offset, tf.int64),
-                            tf.constant(0, tf.int64)))
+    def epoch_records(epoch):
+        ds = records
+        if buffer > 1:
+            epoch_seed = tf.random.stateless_uniform(
+                [], seed=tf.random.fold_in(shuffle_key, epoch), minval=1, maxval=2**62, dtype=tf.int64
+            )
+            ds = ds.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+        return ds.skip(tf.where(epoch == start_epoch, tf.constant(offset, tf.int64), tf.constant(0, tf.int64)))
 
-  ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_records)
-  ds = ds.enumerate(start=start_pos)
+    ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_records)
+    ds = ds.enumerate(start=start_pos)
 
-  def process(pos, record):
-    image, label = src.decode(record)
-    return train_transform(image, label, tf.random.fold_in(augment_key, pos), data_config)
+    def process(pos, record):
+        image, label = src.decode(record)
+        return train_transform(image, label, tf.random.fold_in(augment_key, pos), data_config)
 
-  ds = ds.map(process, num_parallel_calls=_num_calls(data_config), deterministic=True)
-  ds = ds.batch(local_batch, drop_remainder=True)
-  ds = ds.prefetch(int(_get(data_config, "prefetch")))
-  return ds.with_options(_options())
+    ds = ds.map(process, num_parallel_calls=_num_calls(data_config), deterministic=True)
+    ds = ds.batch(local_batch, drop_remainder=True)
+    ds = ds.prefetch(int(_get(data_config, "prefetch")))
+    return ds.with_options(_options())
 
 
-def make_train_iterator(data_config, global_batch_size: int, *, seed: int,
-                        start_step: int = 0, process_index: int = 0,
-                        process_count: int = 1) -> Iterator[dict]:
-  """Infinite iterator of numpy training batches of this host (module doc)."""
-  ds = make_train_dataset(data_config, global_batch_size, seed=seed,
-                          start_step=start_step, process_index=process_index,
-                          process_count=process_count)
-  return ds.as_numpy_iterator()
+def make_train_iterator(
+    data_config,
+    global_batch_size: int,
+    *,
+    seed: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict]:
+    """Infinite iterator of numpy training batches of this host (module doc)."""
+    ds = make_train_dataset(
+        data_config,
+        global_batch_size,
+        seed=seed,
+        start_step=start_step,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    return ds.as_numpy_iterator()
 
 
 class EvalIterable:
-  """Re-iterable, finite eval batches of one host; ``len()`` = number of batches.
+    """Re-iterable, finite eval batches of one host; ``len()`` = number of batches.
 
-  Every host yields the same number of batches (padding with ``valid=False``).
-  """
+    Every host yields the same number of batches (padding with ``valid=False``).
+    """
 
-  def __init__(self, dataset: tf.data.Dataset, num_batches: int, num_examples: int):
-    self.dataset = dataset
-    self.num_batches = num_batches
-    self.num_examples = num_examples  # real examples of this host
+    def __init__(self, dataset: tf.data.Dataset, num_batches: int, num_examples: int):
+        self.dataset = dataset
+        self.num_batches = num_batches
+        self.num_examples = num_examples  # real examples of this host
 
-  def __len__(self) -> int:
-    return self.num_batches
+    def __len__(self) -> int:
+        return self.num_batches
 
-  def __iter__(self) -> Iterator[dict]:
-    return self.dataset.as_numpy_iterator()
-
-
-def make_eval_dataset(data_config, batch_size: int, *, process_index: int = 0,
-                      process_count: int = 1) -> tuple[tf.data.Dataset, int, int]:
-  """(dataset, num_batches, num_real_examples) of the eval split for one host."""
-  _check_hosts(process_index, process_count)
-  if batch_size < 1:
-    raise ValueError("batch_size must be >= 1")
-  pad = _get(data_config, "eval_pad_size")
-  if not pad and batch_size != 1:
-    raise ValueError("eval_pad_size=None gives examples of different shapes: use "
-                     "batch_size=1 or set eval_pad_size=(h, w).")
-  divisor = eval_size_divisor(data_config)
-  if pad and divisor and any(int(x) % divisor for x in pad):
-    raise ValueError(f"eval_pad_size={tuple(pad)} is not a multiple of eval_size_divisor={divisor}: "
-                     "the aligned eval size would not fit; make both sides multiples of it.")
-  src = get_source(data_config)
-  n_total = src.num_examples(src.eval_split)
-  n = _shard_size(n_total, process_index, process_count)
-  per_host = -(-n_total // process_count)
-  num_batches = -(-per_host // batch_size)
-  records = src.records(src.eval_split).shard(process_count, process_index)
-  if _get(data_config, "cache_eval_records"):
-    records = records.cache()
-
-  def process(record):
-    image, label = src.decode(record)
-    out = eval_transform(image, label, data_config)
-    out["valid"] = tf.constant(True)
-    return out
-
-  ds = records.map(process, num_parallel_calls=_num_calls(data_config), deterministic=True)
-  num_pad = num_batches * batch_size - n
-  if num_pad > 0:
-    if pad:
-      ph, pw = (int(x) for x in pad)
-    else:
-      ph = pw = 1
-    filler = {
-        "image": tf.zeros([ph, pw, 3], tf.float32),
-        "label": tf.fill([ph, pw], tf.constant(IGNORE_INDEX, tf.int32)),
-        "image_size": tf.zeros([2], tf.int32),
-        "valid": tf.constant(False),
-    }
-    ds = ds.concatenate(tf.data.Dataset.from_tensors(filler).repeat(num_pad))
-  ds = ds.batch(batch_size, drop_remainder=bool(pad))
-  ds = ds.prefetch(int(_get(data_config, "prefetch")))
-  return ds.with_options(_options()), num_batches, n
+    def __iter__(self) -> Iterator[dict]:
+        return self.dataset.as_numpy_iterator()
 
 
-def make_eval_iterator(data_config, batch_size: int, *, process_index: int = 0,
-                       process_count: int = 1) -> EvalIterable:
-  """Finite, re-iterable numpy eval batches of this host (module doc)."""
-  ds, num_batches, n = make_eval_dataset(data_config, batch_size,
-                                         process_index=process_index,
-                                         process_count=process_count)
-  return EvalIterable(ds, num_batches, n)
+def make_eval_dataset(
+    data_config, batch_size: int, *, process_index: int = 0, process_count: int = 1
+) -> tuple[tf.data.Dataset, int, int]:
+    """(dataset, num_batches, num_real_examples) of the eval split for one host."""
+    _check_hosts(process_index, process_count)
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    pad = _get(data_config, "eval_pad_size")
+    if not pad and batch_size != 1:
+        raise ValueError(
+            "eval_pad_size=None gives examples of different shapes: use batch_size=1 or set eval_pad_size=(h, w)."
+        )
+    divisor = eval_size_divisor(data_config)
+    if pad and divisor and any(int(x) % divisor for x in pad):
+        raise ValueError(
+            f"eval_pad_size={tuple(pad)} is not a multiple of eval_size_divisor={divisor}: "
+            "the aligned eval size would not fit; make both sides multiples of it."
+        )
+    src = get_source(data_config)
+    n_total = src.num_examples(src.eval_split)
+    n = _shard_size(n_total, process_index, process_count)
+    per_host = -(-n_total // process_count)
+    num_batches = -(-per_host // batch_size)
+    records = src.records(src.eval_split).shard(process_count, process_index)
+    if _get(data_config, "cache_eval_records"):
+        records = records.cache()
+
+    def process(record):
+        image, label = src.decode(record)
+        out = eval_transform(image, label, data_config)
+        out["valid"] = tf.constant(True)
+        return out
+
+    ds = records.map(process, num_parallel_calls=_num_calls(data_config), deterministic=True)
+    num_pad = num_batches * batch_size - n
+    if num_pad > 0:
+        if pad:
+            ph, pw = (int(x) for x in pad)
+        else:
+            ph = pw = 1
+        filler = {
+            "image": tf.zeros([ph, pw, 3], tf.float32),
+            "label": tf.fill([ph, pw], tf.constant(IGNORE_INDEX, tf.int32)),
+            "image_size": tf.zeros([2], tf.int32),
+            "valid": tf.constant(False),
+        }
+        ds = ds.concatenate(tf.data.Dataset.from_tensors(filler).repeat(num_pad))
+    ds = ds.batch(batch_size, drop_remainder=bool(pad))
+    ds = ds.prefetch(int(_get(data_config, "prefetch")))
+    return ds.with_options(_options()), num_batches, n
 
 
-def make_original_eval_dataset(data_config, *, process_index: int = 0,
-                               process_count: int = 1) -> tuple[tf.data.Dataset, int]:
-  """(dataset, num_examples of this host): the eval split as decoded, unbatched and at its
-  original size: {"image": uint8 [H, W, 3], "label": uint8 [H, W] (train ids, 255 = ignore)}.
-  For scoring at the original resolution (mmseg's test protocol: the prediction is resized back
-  to the image, the label is never resized). Hosts get disjoint examples as in
-  ``make_eval_dataset``; no padding examples are added."""
-  _check_hosts(process_index, process_count)
-  src = get_source(data_config)
-  n = _shard_size(src.num_examples(src.eval_split), process_index, process_count)
-  records = src.records(src.eval_split).shard(process_count, process_index)
+def make_eval_iterator(data_config, batch_size: int, *, process_index: int = 0, process_count: int = 1) -> EvalIterable:
+    """Finite, re-iterable numpy eval batches of this host (module doc)."""
+    ds, num_batches, n = make_eval_dataset(
+        data_config, batch_size, process_index=process_index, process_count=process_count
+    )
+    return EvalIterable(ds, num_batches, n)
 
-  def process(record):
-    image, label = src.decode(record)
-    return {"image": image, "label": label}
 
-  ds = records.map(process, num_parallel_calls=_num_calls(data_config), deterministic=True)
-  ds = ds.prefetch(int(_get(data_config, "prefetch")))
-  return ds.with_options(_options()), n
+def make_original_eval_dataset(
+    data_config, *, process_index: int = 0, process_count: int = 1
+) -> tuple[tf.data.Dataset, int]:
+    """(dataset, num_examples of this host): the eval split as decoded, unbatched and at its
+    original size: {"image": uint8 [H, W, 3], "label": uint8 [H, W] (train ids, 255 = ignore)}.
+    For scoring at the original resolution (mmseg's test protocol: the prediction is resized back
+    to the image, the label is never resized). Hosts get disjoint examples as in
+    ``make_eval_dataset``; no padding examples are added."""
+    _check_hosts(process_index, process_count)
+    src = get_source(data_config)
+    n = _shard_size(src.num_examples(src.eval_split), process_index, process_count)
+    records = src.records(src.eval_split).shard(process_count, process_index)
+
+    def process(record):
+        image, label = src.decode(record)
+        return {"image": image, "label": label}
+
+    ds = records.map(process, num_parallel_calls=_num_calls(data_config), deterministic=True)
+    ds = ds.prefetch(int(_get(data_config, "prefetch")))
+    return ds.with_options(_options()), n

@@ -17,17 +17,19 @@ _ADE20K_HEX = (
     "08b8aa 8500ff 00ff5c b800ff ff001f 00b8ff 00d6ff ff0070 5cff00 00e0ff 70e0ff 46b8a0 a300ff "
     "9900ff 47ff00 ff00a3 ffcc00 ff008f 00ffeb 85ff00 ff00eb f500ff ff007a fff500 0abed4 d6ff00 "
     "00ccff 1400ff ffff00 0099ff 0029ff 00ffcc 2900ff 29ff00 ad00ff 00f5ff 4700ff 7a00ff 00ffb8 "
-    "005cff b8ff00 0085ff ffd600 19c2c2 66ff00 5c00ff ")
+    "005cff b8ff00 0085ff ffd600 19c2c2 66ff00 5c00ff "
+)
 _CITYSCAPES_HEX = (
     "804080 f423e8 464646 66669c be9999 999999 faaa1e dcdc00 6b8e23 98fb98 4682b4 dc143c ff0000 "
-    "00008e 000046 003c64 005064 0000e6 770b20 ")
+    "00008e 000046 003c64 005064 0000e6 770b20 "
+)
 
 
 def _parse(hex_colours: str) -> np.ndarray:
-    return np.array([[int(h[i:i + 2], 16) for i in (0, 2, 4)] for h in hex_colours.split()], np.uint8)
+    return np.array([[int(h[i : i + 2], 16) for i in (0, 2, 4)] for h in hex_colours.split()], np.uint8)
 
 
-ADE20K_PALETTE = _parse(_ADE20K_HEX)          # (150, 3) uint8
+ADE20K_PALETTE = _parse(_ADE20K_HEX)  # (150, 3) uint8
 CITYSCAPES_PALETTE = _parse(_CITYSCAPES_HEX)  # (19, 3) uint8
 PALETTES = {"ade20k": ADE20K_PALETTE, "cityscapes": CITYSCAPES_PALETTE}
 
@@ -61,8 +63,10 @@ def get_palette(name: str | None, num_classes: int) -> np.ndarray:
         raise ValueError(f"unknown palette {name!r}; choose 'auto', 'ade20k', 'cityscapes' or 'generated'")
     palette = PALETTES[name]
     if len(palette) < num_classes:
-        raise ValueError(f"palette {name!r} has {len(palette)} colours but the model has {num_classes} classes; "
-                         "use --palette generated")
+        raise ValueError(
+            f"palette {name!r} has {len(palette)} colours but the model has {num_classes} classes; "
+            "use --palette generated"
+        )
     return palette
 
 

@@ -40,63 +40,240 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from segformer_jax.data import palettes
 from segformer_jax.data import folder as folder_lib
-from segformer_jax.data import synthetic_shapes
+from segformer_jax.data import palettes, synthetic_shapes
 
 IGNORE_INDEX = 255
 
 
 class DataNotFoundError(FileNotFoundError):
-  """The requested dataset is not prepared; the message says how to prepare it."""
+    """The requested dataset is not prepared; the message says how to prepare it."""
 
 
 ADE20K_CLASS_NAMES = (
-    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane",
-    "grass", "cabinet", "sidewalk", "person", "earth", "door", "table", "mountain",
-    "plant", "curtain", "chair", "car", "water", "painting", "sofa", "shelf", "house",
-    "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk", "rock",
-    "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column",
-    "signboard", "chest of drawers", "counter", "sand", "sink", "skyscraper",
-    "fireplace", "refrigerator", "grandstand", "path", "stairs", "runway", "case",
-    "pool table", "pillow", "screen door", "stairway", "river", "bridge", "bookcase",
-    "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop",
-    "stove", "palm", "kitchen island", "computer", "swivel chair", "boat", "bar",
-    "arcade machine", "hovel", "bus", "towel", "light", "truck", "tower", "chandelier",
-    "awning", "streetlight", "booth", "television receiver", "airplane", "dirt track",
-    "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle", "buffet",
-    "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer",
-    "plaything", "swimming pool", "stool", "barrel", "basket", "waterfall", "tent",
-    "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank", "trade name",
-    "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen", "blanket",
-    "sculpture", "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan",
-    "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator",
-    "glass", "clock", "flag",
+    "wall",
+    "building",
+    "sky",
+    "floor",
+    "tree",
+    "ceiling",
+    "road",
+    "bed",
+    "windowpane",
+    "grass",
+    "cabinet",
+    "sidewalk",
+    "person",
+    "earth",
+    "door",
+    "table",
+    "mountain",
+    "plant",
+    "curtain",
+    "chair",
+    "car",
+    "water",
+    "painting",
+    "sofa",
+    "shelf",
+    "house",
+    "sea",
+    "mirror",
+    "rug",
+    "field",
+    "armchair",
+    "seat",
+    "fence",
+    "desk",
+    "rock",
+    "wardrobe",
+    "lamp",
+    "bathtub",
+    "railing",
+    "cushion",
+    "base",
+    "box",
+    "column",
+    "signboard",
+    "chest of drawers",
+    "counter",
+    "sand",
+    "sink",
+    "skyscraper",
+    "fireplace",
+    "refrigerator",
+    "grandstand",
+    "path",
+    "stairs",
+    "runway",
+    "case",
+    "pool table",
+    "pillow",
+    "screen door",
+    "stairway",
+    "river",
+    "bridge",
+    "bookcase",
+    "blind",
+    "coffee table",
+    "toilet",
+    "flower",
+    "book",
+    "hill",
+    "bench",
+    "countertop",
+    "stove",
+    "palm",
+    "kitchen island",
+    "computer",
+    "swivel chair",
+    "boat",
+    "bar",
+    "arcade machine",
+    "hovel",
+    "bus",
+    "towel",
+    "light",
+    "truck",
+    "tower",
+    "chandelier",
+    "awning",
+    "streetlight",
+    "booth",
+    "television receiver",
+    "airplane",
+    "dirt track",
+    "apparel",
+    "pole",
+    "land",
+    "bannister",
+    "escalator",
+    "ottoman",
+    "bottle",
+    "buffet",
+    "poster",
+    "stage",
+    "van",
+    "ship",
+    "fountain",
+    "conveyer belt",
+    "canopy",
+    "washer",
+    "plaything",
+    "swimming pool",
+    "stool",
+    "barrel",
+    "basket",
+    "waterfall",
+    "tent",
+    "bag",
+    "minibike",
+    "cradle",
+    "oven",
+    "ball",
+    "food",
+    "step",
+    "tank",
+    "trade name",
+    "microwave",
+    "pot",
+    "animal",
+    "bicycle",
+    "lake",
+    "dishwasher",
+    "screen",
+    "blanket",
+    "sculpture",
+    "hood",
+    "sconce",
+    "vase",
+    "traffic light",
+    "tray",
+    "ashcan",
+    "fan",
+    "pier",
+    "crt screen",
+    "plate",
+    "monitor",
+    "bulletin board",
+    "shower",
+    "radiator",
+    "glass",
+    "clock",
+    "flag",
 )
 assert len(ADE20K_CLASS_NAMES) == 150
 
 CITYSCAPES_CLASS_NAMES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light",
-    "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car", "truck",
-    "bus", "train", "motorcycle", "bicycle",
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "motorcycle",
+    "bicycle",
 )
 # Cityscapes label id -> train id (labelIds PNG values; all other ids -> 255).
 CITYSCAPES_ID_TO_TRAIN_ID = {
-    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
-    24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+    7: 0,
+    8: 1,
+    11: 2,
+    12: 3,
+    13: 4,
+    17: 5,
+    19: 6,
+    20: 7,
+    21: 8,
+    22: 9,
+    23: 10,
+    24: 11,
+    25: 12,
+    26: 13,
+    27: 14,
+    28: 15,
+    31: 16,
+    32: 17,
+    33: 18,
 }
 CITYSCAPES_PALETTE = np.array(
     [
-        [128, 64, 128], [244, 35, 232], [70, 70, 70], [102, 102, 156], [190, 153, 153],
-        [153, 153, 153], [250, 170, 30], [220, 220, 0], [107, 142, 35], [152, 251, 152],
-        [70, 130, 180], [220, 20, 60], [255, 0, 0], [0, 0, 142], [0, 0, 70],
-        [0, 60, 100], [0, 80, 100], [0, 0, 230], [119, 11, 32],
+        [128, 64, 128],
+        [244, 35, 232],
+        [70, 70, 70],
+        [102, 102, 156],
+        [190, 153, 153],
+        [153, 153, 153],
+        [250, 170, 30],
+        [220, 220, 0],
+        [107, 142, 35],
+        [152, 251, 152],
+        [70, 130, 180],
+        [220, 20, 60],
+        [255, 0, 0],
+        [0, 0, 142],
+        [0, 0, 70],
+        [0, 60, 100],
+        [0, 80, 100],
+        [0, 0, 230],
+        [119, 11, 32],
     ],
     dtype=np.uint8,
 )
@@ -106,73 +283,73 @@ PET_PALETTE = np.array([[200, 60, 60], [40, 40, 40], [240, 240, 240]], dtype=np.
 
 
 def make_palette(num_classes: int) -> np.ndarray:
-  """The colours `segformer_jax.predict` uses by default for this many classes (ADE20K's for 150,
-  Cityscapes' for 19, generated otherwise), so that training's eval images and predict's overlays
-  agree."""
-  return palettes.get_palette("auto", num_classes)
+    """The colours `segformer_jax.predict` uses by default for this many classes (ADE20K's for 150,
+    Cityscapes' for 19, generated otherwise), so that training's eval images and predict's overlays
+    agree."""
+    return palettes.get_palette("auto", num_classes)
 
 
 def reduce_zero_label(label: tf.Tensor) -> tf.Tensor:
-  """mmseg's reduce_zero_label on a uint8 label: 0 -> 255, k -> k-1, 255 -> 255."""
-  label = tf.cast(label, tf.int32)
-  out = tf.where(label == 0, IGNORE_INDEX, label - 1)
-  out = tf.where(label == IGNORE_INDEX, IGNORE_INDEX, out)
-  return tf.cast(out, tf.uint8)
+    """mmseg's reduce_zero_label on a uint8 label: 0 -> 255, k -> k-1, 255 -> 255."""
+    label = tf.cast(label, tf.int32)
+    out = tf.where(label == 0, IGNORE_INDEX, label - 1)
+    out = tf.where(label == IGNORE_INDEX, IGNORE_INDEX, out)
+    return tf.cast(out, tf.uint8)
 
 
 def _lookup(table: np.ndarray) -> Callable[[tf.Tensor], tf.Tensor]:
-  table = tf.constant(np.asarray(table, np.uint8))
+    table = tf.constant(np.asarray(table, np.uint8))
 
-  def fn(label):
-    return tf.gather(table, tf.cast(label, tf.int32))
+    def fn(label):
+        return tf.gather(table, tf.cast(label, tf.int32))
 
-  return fn
+    return fn
 
 
 def cityscapes_label_map(label: tf.Tensor) -> tf.Tensor:
-  table = np.full(256, IGNORE_INDEX, np.uint8)
-  for k, v in CITYSCAPES_ID_TO_TRAIN_ID.items():
-    table[k] = v
-  return _lookup(table)(label)
+    table = np.full(256, IGNORE_INDEX, np.uint8)
+    for k, v in CITYSCAPES_ID_TO_TRAIN_ID.items():
+        table[k] = v
+    return _lookup(table)(label)
 
 
 def pet_label_map(label: tf.Tensor, boundary_as_ignore: bool = False) -> tf.Tensor:
-  table = np.full(256, IGNORE_INDEX, np.uint8)
-  table[1], table[2] = 0, 1
-  table[3] = IGNORE_INDEX if boundary_as_ignore else 2
-  return _lookup(table)(label)
+    table = np.full(256, IGNORE_INDEX, np.uint8)
+    table[1], table[2] = 0, 1
+    table[3] = IGNORE_INDEX if boundary_as_ignore else 2
+    return _lookup(table)(label)
 
 
 def decode_image(encoded: tf.Tensor) -> tf.Tensor:
-  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-  return tf.ensure_shape(image, [None, None, 3])
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    return tf.ensure_shape(image, [None, None, 3])
 
 
 def decode_label_png(encoded: tf.Tensor) -> tf.Tensor:
-  """First channel of a (grayscale or RGB) PNG as uint8 [H, W]."""
-  label = tf.io.decode_png(encoded, channels=0, dtype=tf.uint8)
-  return label[:, :, 0]
+    """First channel of a (grayscale or RGB) PNG as uint8 [H, W]."""
+    label = tf.io.decode_png(encoded, channels=0, dtype=tf.uint8)
+    return label[:, :, 0]
 
 
 @dataclasses.dataclass
 class Source:
-  """A dataset: its classes, splits, records and decoder (see module doc)."""
+    """A dataset: its classes, splits, records and decoder (see module doc)."""
 
-  name: str
-  class_names: tuple[str, ...]
-  palette: np.ndarray
-  train_split: str
-  eval_split: str
-  # records(split) -> tf.data.Dataset of records, deterministic order.
-  records: Callable[[str], tf.data.Dataset]
-  # decode(record) -> (image uint8 [H,W,3], label uint8 [H,W] train ids / 255).
-  decode: Callable[[dict], tuple[tf.Tensor, tf.Tensor]]
-  # num_examples(split) -> int
-  num_examples: Callable[[str], int]
+    name: str
+    class_names: tuple[str, ...]
+    palette: np.ndarray
+    train_split: str
+    eval_split: str
+    # records(split) -> tf.data.Dataset of records, deterministic order.
+    records: Callable[[str], tf.data.Dataset]
+    # decode(record) -> (image uint8 [H,W,3], label uint8 [H,W] train ids / 255).
+    decode: Callable[[dict], tuple[tf.Tensor, tf.Tensor]]
+    # num_examples(split) -> int
+    num_examples: Callable[[str], int]
 
-  @property
-  def num_classes(self) -> int:
-    return len(self.class_names)
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
 
 
 # ----------------------------------------------------------------------------- TFDS
@@ -201,19 +378,17 @@ _PREPARE_HINTS = {
 }
 
 
-def _default_data_dir(data_dir: Optional[str]) -> str:
-  if data_dir:
-    return os.path.expanduser(str(data_dir))
-  return os.path.expanduser(
-      os.environ.get("TFDS_DATA_DIR", os.path.join("~", "tensorflow_datasets"))
-  )
+def _default_data_dir(data_dir: str | None) -> str:
+    if data_dir:
+        return os.path.expanduser(str(data_dir))
+    return os.path.expanduser(os.environ.get("TFDS_DATA_DIR", os.path.join("~", "tensorflow_datasets")))
 
 
 def _tfds_source(
     *,
     name: str,
     builder_name: str,
-    data_dir: Optional[str],
+    data_dir: str | None,
     image_key: str,
     label_key: str,
     train_split: str,
@@ -222,129 +397,133 @@ def _tfds_source(
     palette,
     label_map: Callable[[tf.Tensor], tf.Tensor],
 ) -> Source:
-  data_dir = _default_data_dir(data_dir)
-  dataset = builder_name.split("/")[0]
+    data_dir = _default_data_dir(data_dir)
+    dataset = builder_name.split("/")[0]
 
-  def not_found(err: Exception) -> DataNotFoundError:
-    hint = _PREPARE_HINTS.get(dataset, "Prepare it with `tfds build {name}`.")
-    return DataNotFoundError(
-        f"TFDS dataset {builder_name!r} is not prepared in data_dir {data_dir!r} "
-        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}).\n"
-        + hint.format(data_dir=data_dir, name=builder_name)
+    def not_found(err: Exception) -> DataNotFoundError:
+        hint = _PREPARE_HINTS.get(dataset, "Prepare it with `tfds build {name}`.")
+        return DataNotFoundError(
+            f"TFDS dataset {builder_name!r} is not prepared in data_dir {data_dir!r} "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}).\n"
+            + hint.format(data_dir=data_dir, name=builder_name)
+        )
+
+    def builder():
+        try:
+            return tfds.builder(builder_name, data_dir=data_dir)
+        except Exception as e:  # pylint: disable=broad-except
+            raise not_found(e) from None
+
+    def records(split: str) -> tf.data.Dataset:
+        b = builder()
+        try:
+            ds = b.as_dataset(
+                split=split,
+                shuffle_files=False,
+                decoders={image_key: tfds.decode.SkipDecoding(), label_key: tfds.decode.SkipDecoding()},
+            )
+        except AssertionError as e:  # TFDS: "could not find data in ..."
+            raise not_found(e) from None
+        except (FileNotFoundError, tf.errors.NotFoundError) as e:
+            raise not_found(e) from None
+        return ds.map(
+            lambda ex: {"image": ex[image_key], "label": ex[label_key]},
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+
+    num_classes = len(class_names)
+
+    def decode(record):
+        image = decode_image(record["image"])
+        label = label_map(decode_label_png(record["label"]))
+        # Ids the dataset should not contain (>= num_classes) are ignored, never trained on.
+        label = tf.where(label >= num_classes, tf.constant(IGNORE_INDEX, tf.uint8), label)
+        return image, label
+
+    def num_examples(split: str) -> int:
+        b = builder()
+        try:
+            n = b.info.splits[split].num_examples
+            if n:
+                return int(n)
+        except Exception:  # pylint: disable=broad-except
+            pass  # unknown split sizes (not prepared, or under tfds.testing.mock_data)
+        n = int(records(split).cardinality().numpy())
+        if n < 0:
+            n = int(records(split).reduce(0, lambda c, _: c + 1).numpy())
+        return n
+
+    return Source(
+        name=name,
+        class_names=tuple(class_names),
+        palette=np.asarray(palette, np.uint8),
+        train_split=train_split,
+        eval_split=eval_split,
+        records=records,
+        decode=decode,
+        num_examples=num_examples,
     )
-
-  def builder():
-    try:
-      return tfds.builder(builder_name, data_dir=data_dir)
-    except Exception as e:  # pylint: disable=broad-except
-      raise not_found(e) from None
-
-  def records(split: str) -> tf.data.Dataset:
-    b = builder()
-    try:
-      ds = b.as_dataset(
-          split=split,
-          shuffle_files=False,
-          decoders={image_key: tfds.decode.SkipDecoding(),
-                    label_key: tfds.decode.SkipDecoding()},
-      )
-    except AssertionError as e:  # TFDS: "could not find data in ..."
-      raise not_found(e) from None
-    except (FileNotFoundError, tf.errors.NotFoundError) as e:
-      raise not_found(e) from None
-    return ds.map(lambda ex: {"image": ex[image_key], "label": ex[label_key]},
-                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-
-  num_classes = len(class_names)
-
-  def decode(record):
-    image = decode_image(record["image"])
-    label = label_map(decode_label_png(record["label"]))
-    # Ids the dataset should not contain (>= num_classes) are ignored, never trained on.
-    label = tf.where(label >= num_classes, tf.constant(IGNORE_INDEX, tf.uint8), label)
-    return image, label
-
-  def num_examples(split: str) -> int:
-    b = builder()
-    try:
-      n = b.info.splits[split].num_examples
-      if n:
-        return int(n)
-    except Exception:  # pylint: disable=broad-except
-      pass  # unknown split sizes (not prepared, or under tfds.testing.mock_data)
-    n = int(records(split).cardinality().numpy())
-    if n < 0:
-      n = int(records(split).reduce(0, lambda c, _: c + 1).numpy())
-    return n
-
-  return Source(
-      name=name,
-      class_names=tuple(class_names),
-      palette=np.asarray(palette, np.uint8),
-      train_split=train_split,
-      eval_split=eval_split,
-      records=records,
-      decode=decode,
-      num_examples=num_examples,
-  )
 
 
 # --------------------------------------------------------------------------- folder
 
 
 def _folder_source(cfg, rzl: bool) -> Source:
-  if not cfg.get("folder"):
-    raise folder_lib.FolderDatasetError(
-        "data.name='folder' needs data.folder: the path of a folder holding images/ "
-        "and masks/ (see segformer_jax/data/folder.py)."
+    if not cfg.get("folder"):
+        raise folder_lib.FolderDatasetError(
+            "data.name='folder' needs data.folder: the path of a folder holding images/ "
+            "and masks/ (see segformer_jax/data/folder.py)."
+        )
+    fd = folder_lib.scan_folder(
+        cfg.folder,
+        val_fraction=float(cfg.get("val_fraction", 0.1)),
+        split_seed=int(cfg.get("split_seed", 0)),
+        class_names_file=cfg.get("class_names_file", "") or "",
+        num_classes=int(cfg.get("num_classes", 0) or 0),
+        reduce_zero_label=rzl,
     )
-  fd = folder_lib.scan_folder(
-      cfg.folder,
-      val_fraction=float(cfg.get("val_fraction", 0.1)),
-      split_seed=int(cfg.get("split_seed", 0)),
-      class_names_file=cfg.get("class_names_file", "") or "",
-      num_classes=int(cfg.get("num_classes", 0) or 0),
-      reduce_zero_label=rzl,
-  )
-  splits = {"train": fd.train, "val": fd.val, "validation": fd.val}
+    splits = {"train": fd.train, "val": fd.val, "validation": fd.val}
 
-  def get_split(split: str) -> folder_lib.FolderSplit:
-    if split not in splits:
-      raise ValueError(f"Folder datasets have splits 'train' and 'val', not {split!r}.")
-    return splits[split]
+    def get_split(split: str) -> folder_lib.FolderSplit:
+        if split not in splits:
+            raise ValueError(f"Folder datasets have splits 'train' and 'val', not {split!r}.")
+        return splits[split]
 
-  def records(split: str) -> tf.data.Dataset:
-    s = get_split(split)
-    return tf.data.Dataset.from_tensor_slices(
-        {"image": list(s.image_paths) or tf.zeros([0], tf.string),
-         "label": list(s.mask_paths) or tf.zeros([0], tf.string)}
+    def records(split: str) -> tf.data.Dataset:
+        s = get_split(split)
+        return tf.data.Dataset.from_tensor_slices(
+            {
+                "image": list(s.image_paths) or tf.zeros([0], tf.string),
+                "label": list(s.mask_paths) or tf.zeros([0], tf.string),
+            }
+        )
+
+    def _load(image_path, mask_path):
+        image = folder_lib.load_image(image_path.decode())
+        mask = folder_lib.load_mask(mask_path.decode())
+        return image, mask
+
+    def decode(record):
+        image, label = tf.numpy_function(
+            _load, [record["image"], record["label"]], [tf.uint8, tf.uint8], stateful=False
+        )
+        image = tf.ensure_shape(image, [None, None, 3])
+        label = tf.ensure_shape(label, [None, None])
+        if rzl:
+            label = reduce_zero_label(label)
+        return image, label
+
+    return Source(
+        name="folder",
+        class_names=fd.class_names,
+        palette=make_palette(fd.num_classes),
+        train_split="train",
+        eval_split="val",
+        records=records,
+        decode=decode,
+        num_examples=lambda split: len(get_split(split)),
     )
-
-  def _load(image_path, mask_path):
-    image = folder_lib.load_image(image_path.decode())
-    mask = folder_lib.load_mask(mask_path.decode())
-    return image, mask
-
-  def decode(record):
-    image, label = tf.numpy_function(
-        _load, [record["image"], record["label"]], [tf.uint8, tf.uint8], stateful=False
-    )
-    image = tf.ensure_shape(image, [None, None, 3])
-    label = tf.ensure_shape(label, [None, None])
-    if rzl:
-      label = reduce_zero_label(label)
-    return image, label
-
-  return Source(
-      name="folder",
-      class_names=fd.class_names,
-      palette=make_palette(fd.num_classes),
-      train_split="train",
-      eval_split="val",
-      records=records,
-      decode=decode,
-      num_examples=lambda split: len(get_split(split)),
-  )
 
 
 # -------------------------------------------------------------------------- factory
@@ -359,68 +538,81 @@ DEFAULT_REDUCE_ZERO_LABEL = {
 
 
 def get_source(cfg) -> Source:
-  """The :class:`Source` described by a data config (see input_pipeline)."""
-  name = cfg.name
-  if name not in DEFAULT_REDUCE_ZERO_LABEL:
-    raise ValueError(
-        f"Unknown dataset name {name!r}; expected one of "
-        f"{sorted(DEFAULT_REDUCE_ZERO_LABEL)}."
-    )
-  rzl = cfg.get("reduce_zero_label", None)
-  rzl = DEFAULT_REDUCE_ZERO_LABEL[name] if rzl is None else bool(rzl)
-  data_dir = cfg.get("data_dir", None) or None
-  tfds_config = cfg.get("tfds_config", "") or ""
+    """The :class:`Source` described by a data config (see input_pipeline)."""
+    name = cfg.name
+    if name not in DEFAULT_REDUCE_ZERO_LABEL:
+        raise ValueError(f"Unknown dataset name {name!r}; expected one of {sorted(DEFAULT_REDUCE_ZERO_LABEL)}.")
+    rzl = cfg.get("reduce_zero_label", None)
+    rzl = DEFAULT_REDUCE_ZERO_LABEL[name] if rzl is None else bool(rzl)
+    data_dir = cfg.get("data_dir", None) or None
+    tfds_config = cfg.get("tfds_config", "") or ""
 
-  def maybe_rzl(fn):
-    return (lambda label: reduce_zero_label(fn(label))) if rzl else fn
+    def maybe_rzl(fn):
+        return (lambda label: reduce_zero_label(fn(label))) if rzl else fn
 
-  identity = lambda label: label  # pylint: disable=unnecessary-lambda-assignment
+    identity = lambda label: label  # pylint: disable=unnecessary-lambda-assignment
 
-  if name == "folder":
-    src = _folder_source(cfg, rzl)
-  elif name == "synthetic_shapes":
-    config = tfds_config or "default"
-    if cfg.get("auto_prepare", True):
-      synthetic_shapes.ensure_prepared(_default_data_dir(data_dir), config)
-    src = _tfds_source(
-        name=name, builder_name=f"synthetic_shapes/{config}", data_dir=data_dir,
-        image_key="image", label_key="segmentation_mask",
-        train_split="train", eval_split="validation",
-        class_names=synthetic_shapes.CLASS_NAMES, palette=synthetic_shapes.PALETTE,
-        label_map=maybe_rzl(identity),
-    )
-  elif name == "scene_parse150":
-    src = _tfds_source(
-        name=name,
-        builder_name="scene_parse150" + (f"/{tfds_config}" if tfds_config else ""),
-        data_dir=data_dir, image_key="image", label_key="annotation",
-        train_split="train", eval_split="test",
-        class_names=ADE20K_CLASS_NAMES if rzl else ("other",) + ADE20K_CLASS_NAMES,
-        palette=make_palette(150 if rzl else 151),
-        label_map=maybe_rzl(identity),
-    )
-  elif name == "cityscapes":
-    src = _tfds_source(
-        name=name,
-        builder_name="cityscapes/" + (tfds_config or "semantic_segmentation"),
-        data_dir=data_dir, image_key="image_left", label_key="segmentation_label",
-        train_split="train", eval_split="validation",
-        class_names=CITYSCAPES_CLASS_NAMES, palette=CITYSCAPES_PALETTE,
-        label_map=maybe_rzl(cityscapes_label_map),
-    )
-  else:  # oxford_iiit_pet
-    ignore_boundary = bool(cfg.get("pet_boundary_as_ignore", False))
-    n = 2 if ignore_boundary else 3
-    src = _tfds_source(
-        name=name,
-        builder_name="oxford_iiit_pet" + (f"/{tfds_config}" if tfds_config else ""),
-        data_dir=data_dir, image_key="image", label_key="segmentation_mask",
-        train_split="train", eval_split="test",
-        class_names=PET_CLASS_NAMES[:n], palette=PET_PALETTE[:n],
-        label_map=maybe_rzl(lambda label: pet_label_map(label, ignore_boundary)),
-    )
-  if cfg.get("train_split", ""):
-    src.train_split = cfg.train_split
-  if cfg.get("eval_split", ""):
-    src.eval_split = cfg.eval_split
-  return src
+    if name == "folder":
+        src = _folder_source(cfg, rzl)
+    elif name == "synthetic_shapes":
+        config = tfds_config or "default"
+        if cfg.get("auto_prepare", True):
+            synthetic_shapes.ensure_prepared(_default_data_dir(data_dir), config)
+        src = _tfds_source(
+            name=name,
+            builder_name=f"synthetic_shapes/{config}",
+            data_dir=data_dir,
+            image_key="image",
+            label_key="segmentation_mask",
+            train_split="train",
+            eval_split="validation",
+            class_names=synthetic_shapes.CLASS_NAMES,
+            palette=synthetic_shapes.PALETTE,
+            label_map=maybe_rzl(identity),
+        )
+    elif name == "scene_parse150":
+        src = _tfds_source(
+            name=name,
+            builder_name="scene_parse150" + (f"/{tfds_config}" if tfds_config else ""),
+            data_dir=data_dir,
+            image_key="image",
+            label_key="annotation",
+            train_split="train",
+            eval_split="test",
+            class_names=ADE20K_CLASS_NAMES if rzl else ("other",) + ADE20K_CLASS_NAMES,
+            palette=make_palette(150 if rzl else 151),
+            label_map=maybe_rzl(identity),
+        )
+    elif name == "cityscapes":
+        src = _tfds_source(
+            name=name,
+            builder_name="cityscapes/" + (tfds_config or "semantic_segmentation"),
+            data_dir=data_dir,
+            image_key="image_left",
+            label_key="segmentation_label",
+            train_split="train",
+            eval_split="validation",
+            class_names=CITYSCAPES_CLASS_NAMES,
+            palette=CITYSCAPES_PALETTE,
+            label_map=maybe_rzl(cityscapes_label_map),
+        )
+    else:  # oxford_iiit_pet
+        ignore_boundary = bool(cfg.get("pet_boundary_as_ignore", False))
+        n = 2 if ignore_boundary else 3
+        src = _tfds_source(
+            name=name,
+            builder_name="oxford_iiit_pet" + (f"/{tfds_config}" if tfds_config else ""),
+            data_dir=data_dir,
+            image_key="image",
+            label_key="segmentation_mask",
+            train_split="train",
+            eval_split="test",
+            class_names=PET_CLASS_NAMES[:n],
+            palette=PET_PALETTE[:n],
+            label_map=maybe_rzl(lambda label: pet_label_map(label, ignore_boundary)),
+        )
+    if cfg.get("train_split", ""):
+        src.train_split = cfg.train_split
+    if cfg.get("eval_split", ""):
+        src.eval_split = cfg.eval_split
+    return src

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +29,16 @@ import numpy as np
 
 from segformer_jax.pretrained import (  # the file format's name, known to from_pretrained
     QUANTIZED_FORMAT as FORMAT,
+)
+from segformer_jax.pretrained import (
     QUANTIZED_WEIGHTS_NAME,
     QuantizedCheckpointError,
     _check_fits,
+)
+from segformer_jax.pretrained import (
     _quantized_weights_file as _weights_file,
+)
+from segformer_jax.pretrained import (
     is_quantized as is_quantized,  # part of this module's API
 )
 
@@ -54,6 +61,7 @@ def quantize_array(w: np.ndarray) -> dict[str, np.ndarray]:
 def quantize_variables(variables: Mapping[str, Any], *, min_size: int = 0) -> dict[str, Any]:
     """float32 variables -> same tree with every params `kernel` (of >= min_size elements) replaced
     by {'q': int8, 'scale': float32}."""
+
     def walk(tree, collection):
         out = {}
         for k, v in tree.items():
@@ -64,11 +72,13 @@ def quantize_variables(variables: Mapping[str, Any], *, min_size: int = 0) -> di
             else:
                 out[k] = np.asarray(v)
         return out
+
     return {c: walk(t, c) for c, t in variables.items() if c in ("params", "batch_stats")}
 
 
 def dequantize_variables(qvariables: Mapping[str, Any], dtype=jnp.float32) -> dict[str, Any]:
     """Inverse (up to rounding) of quantize_variables; jit-friendly (jnp)."""
+
     def walk(tree):
         out = {}
         for k, v in tree.items():
@@ -79,13 +89,16 @@ def dequantize_variables(qvariables: Mapping[str, Any], dtype=jnp.float32) -> di
             else:
                 out[k] = v
         return out
+
     return {c: walk(t) for c, t in qvariables.items()}
 
 
 def quantized_apply(model):
     """`fn(qvariables, images, **kw)`: model.apply on weights dequantized inside the (caller's) jit."""
+
     def apply(qvariables, images, **kwargs):
         return model.apply(dequantize_variables(qvariables), images, **kwargs)
+
     return apply
 
 
@@ -103,6 +116,7 @@ def _flatten(qvariables) -> dict[str, np.ndarray]:
                 walk(v, name)
             else:
                 flat[name] = np.asarray(v)
+
     walk(qvariables, "")
     return flat
 
@@ -125,16 +139,21 @@ def save_quantized(model, qvariables: Mapping[str, Any], out_dir: str | os.PathL
     """Write config.json + model-int8.safetensors atomically (staging folder renamed into place).
     `qvariables` from quantize_variables (float32 variables are quantized first)."""
     from safetensors.numpy import save_file
+
     from segformer_jax.models.model import architecture_name
 
     flat_in = jax.tree_util.tree_leaves(qvariables, is_leaf=_is_qleaf)
     if not any(_is_qleaf(x) for x in flat_in):
         qvariables = quantize_variables(qvariables)
     from segformer_jax.fileio import atomic_directory
+
     with atomic_directory(out_dir, overwrite=overwrite) as staging:
         info = {"format": FORMAT, "scheme": "symmetric per-output-channel int8, kernels only"}
-        save_file(_flatten(jax.device_get(qvariables)), os.path.join(staging, QUANTIZED_WEIGHTS_NAME),
-                  metadata={"format": FORMAT, "quantization": json.dumps(info)})
+        save_file(
+            _flatten(jax.device_get(qvariables)),
+            os.path.join(staging, QUANTIZED_WEIGHTS_NAME),
+            metadata={"format": FORMAT, "quantization": json.dumps(info)},
+        )
         config = json.loads(model.config.to_json_string(architecture_name(model), with_impl=True))
         config["segformer_jax"]["quantization"] = info
         with open(os.path.join(staging, "config.json"), "w") as f:
@@ -147,15 +166,18 @@ def load_quantized(path: str | os.PathLike, *, dequantize: bool = False, config=
     """-> (model, qvariables) (int8 kernels; apply with quantized_apply), or with dequantize=True
     (model, float32 variables) for code that wants plain variables."""
     from safetensors.numpy import load_file
+
     from segformer_jax.models.config import SegformerConfig
     from segformer_jax.models.model import ARCHITECTURES
 
     path = os.fspath(path)
     weights = _weights_file(path)
     if weights is None:
-        raise QuantizedCheckpointError(f"{path} is not an int8 checkpoint written by save_quantized "
-                                       f"(no {QUANTIZED_WEIGHTS_NAME} with format {FORMAT!r}); for float32 "
-                                       "checkpoints use segformer_jax.from_pretrained")
+        raise QuantizedCheckpointError(
+            f"{path} is not an int8 checkpoint written by save_quantized "
+            f"(no {QUANTIZED_WEIGHTS_NAME} with format {FORMAT!r}); for float32 "
+            "checkpoints use segformer_jax.from_pretrained"
+        )
     arch = "SegformerForSemanticSegmentation"
     if config is None:
         config_path = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
@@ -175,9 +197,17 @@ def load_quantized(path: str | os.PathLike, *, dequantize: bool = False, config=
 
 def _shapes_of(qvariables):
     """Shapes of the dequantized tree, without computing it."""
+
     def walk(tree):
-        return {k: jax.ShapeDtypeStruct(v["q"].shape, jnp.float32) if _is_qleaf(v)
-                else walk(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
+        return {
+            k: jax.ShapeDtypeStruct(v["q"].shape, jnp.float32)
+            if _is_qleaf(v)
+            else walk(v)
+            if isinstance(v, Mapping)
+            else v
+            for k, v in tree.items()
+        }
+
     return walk(qvariables)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,7 @@ from segformer_jax.inference import slide_windows  # mmseg's window grid, shared
 from segformer_jax.models.kernels import resize_bilinear
 
 # Flush the on-device int32 matrix to the host int64 one before 2^31 pixels can have been counted.
-_FLUSH_PIXELS = 2 ** 30
+_FLUSH_PIXELS = 2**30
 
 
 def confusion_matrix(labels, preds, num_classes: int, ignore_index: int = 255):
@@ -104,19 +104,22 @@ def format_table(results: Mapping) -> str:
     for name in names:
         row = results["per_class"][name]
         lines.append(f"{name:<{width}} | {pct(row['IoU'])} | {pct(row['Acc'])}")
-    lines.append(f"aAcc {pct(results['aAcc']).strip()}  mIoU {pct(results['mIoU']).strip()}  "
-                 f"mAcc {pct(results['mAcc']).strip()}")
+    lines.append(
+        f"aAcc {pct(results['aAcc']).strip()}  mIoU {pct(results['mIoU']).strip()}  mAcc {pct(results['mAcc']).strip()}"
+    )
     return "\n".join(lines)
 
 
 def save_json(results: Mapping, path: str) -> None:
     """JSON with NaN written as null (strict JSON has no NaN)."""
+
     def clean(v):
         if isinstance(v, Mapping):
             return {k: clean(x) for k, x in v.items()}
         if isinstance(v, float) and math.isnan(v):
             return None
         return v
+
     with open(path, "w") as f:
         json.dump(clean(results), f, indent=2)
 
@@ -135,13 +138,14 @@ def predict_whole(logits_fn: Callable, images, out_size=None):
     return upsample_logits(logits_fn(images), out_size)
 
 
-def predict_slide(logits_fn: Callable, images, crop: Sequence[int], stride: Sequence[int], num_classes: int,
-                  out_size=None):
+def predict_slide(
+    logits_fn: Callable, images, crop: Sequence[int], stride: Sequence[int], num_classes: int, out_size=None
+):
     """Sliding-window inference (mmseg `slide_inference`): each crop's logits are upsampled to the crop
     size, summed into a full-size canvas, and divided by the number of windows covering each pixel."""
     b, height, width, _ = images.shape
     total = jnp.zeros((b, height, width, num_classes), jnp.float32)
-    count = np.zeros((1, height, width, 1), np.float32)   # static: the windows are known at trace time
+    count = np.zeros((1, height, width, 1), np.float32)  # static: the windows are known at trace time
     for y1, y2, x1, x2 in slide_windows(height, width, crop, stride):
         window = images[:, y1:y2, x1:x2]
         window_logits = upsample_logits(logits_fn(window), (y2 - y1, x2 - x1))
@@ -152,8 +156,9 @@ def predict_slide(logits_fn: Callable, images, crop: Sequence[int], stride: Sequ
     return logits if out_size == (height, width) else upsample_logits(logits, out_size)
 
 
-def predict(logits_fn: Callable, images, *, mode: str = "whole", crop=None, stride=None, num_classes=None,
-            out_size=None):
+def predict(
+    logits_fn: Callable, images, *, mode: str = "whole", crop=None, stride=None, num_classes=None, out_size=None
+):
     """Full-resolution logits (B, H, W, K) by whole-image or sliding-window inference."""
     if mode == "whole":
         return predict_whole(logits_fn, images, out_size)

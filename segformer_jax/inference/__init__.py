@@ -31,7 +31,20 @@ from segformer_jax.inference.tiling import (
 )
 
 __all__ = [
-    "MIN_TILE", "SETTINGS_NAME", "InferenceConfig", "TiledForward", "config_from_training", "keep_ratio_size",
-    "load_settings", "resize_bilinear", "save_settings", "segment", "segment_batch", "slide_inference",
-    "slide_windows", "softmax", "tile_shapes", "whole_inference",
+    "MIN_TILE",
+    "SETTINGS_NAME",
+    "InferenceConfig",
+    "TiledForward",
+    "config_from_training",
+    "keep_ratio_size",
+    "load_settings",
+    "resize_bilinear",
+    "save_settings",
+    "segment",
+    "segment_batch",
+    "slide_inference",
+    "slide_windows",
+    "softmax",
+    "tile_shapes",
+    "whole_inference",
 ]

@@ -34,7 +34,8 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -43,8 +44,9 @@ from segformer_jax.models.preprocess import normalize_images
 
 
 # ------------------------------------------------------------------------------------ geometry
-def keep_ratio_size(height: int, width: int, scale: tuple[int, int] | None, ratio: float = 1.0,
-                    size_divisor: int | None = None) -> tuple[int, int]:
+def keep_ratio_size(
+    height: int, width: int, scale: tuple[int, int] | None, ratio: float = 1.0, size_divisor: int | None = None
+) -> tuple[int, int]:
     """Output (h, w) of mmcv `Resize(img_scale=scale, keep_ratio=True)` after mmseg's multi-scale ratio
     (the scale becomes (int(s0 * ratio), int(s1 * ratio))); scale=None resizes by `ratio` alone.
     size_divisor rounds up to a multiple (NVlabs AlignedResize)."""
@@ -60,7 +62,9 @@ def keep_ratio_size(height: int, width: int, scale: tuple[int, int] | None, rati
     return max(h, 1), max(w, 1)
 
 
-def slide_windows(height: int, width: int, crop: tuple[int, int], stride: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+def slide_windows(
+    height: int, width: int, crop: tuple[int, int], stride: tuple[int, int]
+) -> list[tuple[int, int, int, int]]:
     """(y1, y2, x1, x2) windows of mmseg `slide_inference`: a grid every `stride`, the last row/column
     shifted back to end at the border; windows are min(crop, image) in size."""
     (ch, cw), (sh, sw) = crop, stride
@@ -125,7 +129,7 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 def _pair(name: str, value) -> tuple[int, int]:
     """(h, w) of positive ints, with a message naming the field for anything else."""
     try:
-        if isinstance(value, (str, bytes)):   # "64" would iterate as (6, 4)
+        if isinstance(value, (str, bytes)):  # "64" would iterate as (6, 4)
             raise TypeError
         pair = tuple(int(v) for v in value)
     except (TypeError, ValueError):
@@ -173,8 +177,10 @@ class InferenceConfig:
         object.__setattr__(self, "stride", _pair("stride", self.stride))
         if self.mode == "slide" and any(s > c for s, c in zip(self.stride, self.crop)):
             # mmseg asserts it too: windows further apart than their size leave pixels with no logits.
-            raise ValueError(f"stride={self.stride} is larger than crop={self.crop}: the windows would leave "
-                             "pixels uncovered; use a stride <= the crop (e.g. 2/3 of it)")
+            raise ValueError(
+                f"stride={self.stride} is larger than crop={self.crop}: the windows would leave "
+                "pixels uncovered; use a stride <= the crop (e.g. 2/3 of it)"
+            )
         if self.scale is not None:
             object.__setattr__(self, "scale", _pair("scale", self.scale))
 
@@ -197,12 +203,17 @@ def config_from_training(config, *, ratios=(1.0,), flip: bool = False) -> Infere
             raise ValueError("eval.mode='slide' needs eval.crop_size and eval.stride")
         kwargs = {"crop": tuple(config.eval.crop_size), "stride": tuple(config.eval.stride)}
     scale = config.data.get("eval_scale")
-    return InferenceConfig(mode=config.eval.mode, scale=tuple(scale) if scale else None,
-                           ratios=tuple(float(r) for r in ratios), flip=bool(flip),
-                           size_divisor=input_pipeline.eval_size_divisor(config.data), **kwargs)
+    return InferenceConfig(
+        mode=config.eval.mode,
+        scale=tuple(scale) if scale else None,
+        ratios=tuple(float(r) for r in ratios),
+        flip=bool(flip),
+        size_divisor=input_pipeline.eval_size_divisor(config.data),
+        **kwargs,
+    )
 
 
-SETTINGS_NAME = "inference.json"   # beside a model's config.json: the settings it was evaluated with
+SETTINGS_NAME = "inference.json"  # beside a model's config.json: the settings it was evaluated with
 _SAVED_FIELDS = ("mode", "scale", "crop", "stride", "size_divisor")
 
 
@@ -237,9 +248,15 @@ class TiledForward:
     shape. `compilations` counts them (the Python body runs once per trace). `on_device(tiles)` keeps
     the network's (1/4 resolution) logits on the device for `segment_batch` to finish there."""
 
-    def __init__(self, apply_fn: Callable[[Any, Any], Any], variables: Any, batch_size: int = 4,
-                 compiler_options: dict | None = None):
+    def __init__(
+        self,
+        apply_fn: Callable[[Any, Any], Any],
+        variables: Any,
+        batch_size: int = 4,
+        compiler_options: dict | None = None,
+    ):
         import jax
+
         from segformer_jax.models.decode_head import upsample_bilinear
 
         if batch_size < 1:
@@ -250,7 +267,7 @@ class TiledForward:
         self.shapes: list[tuple[int, int]] = []
 
         def run(variables, tiles):
-            self.compilations += 1            # trace time only
+            self.compilations += 1  # trace time only
             self.shapes.append(tuple(tiles.shape[1:3]))
             return apply_fn(variables, tiles)
 
@@ -261,7 +278,7 @@ class TiledForward:
         self.compiler_options = compiler_options
 
     @classmethod
-    def from_model(cls, model, variables, batch_size: int = 4, compiler_options: dict | None = None) -> "TiledForward":
+    def from_model(cls, model, variables, batch_size: int = 4, compiler_options: dict | None = None) -> TiledForward:
         return cls(model.apply, variables, batch_size, compiler_options)
 
     def _run(self, variables, chunk):
@@ -276,7 +293,7 @@ class TiledForward:
         tiles = np.asarray(tiles, np.float32)
         n, b = len(tiles), self.batch_size
         for start in range(0, n, b):
-            chunk = tiles[start:start + b]
+            chunk = tiles[start : start + b]
             if len(chunk) < b:
                 chunk = np.concatenate([chunk, np.zeros((b - len(chunk),) + chunk.shape[1:], np.float32)])
             yield self._run(self.variables, chunk), min(b, n - start)
@@ -295,26 +312,26 @@ class TiledForward:
 # ------------------------------------------------------------------------------------ planning
 @dataclasses.dataclass
 class _Aug:
-    size: tuple[int, int]          # resized (h, w)
+    size: tuple[int, int]  # resized (h, w)
     flip: bool
     windows: list[tuple[int, int, int, int]]
-    tiles: list[np.ndarray]        # padded, normalised
-    logits: list[Any]              # per tile: upsampled numpy logits, or the network's on the device
-    tile_sizes: list[tuple[int, int]] = dataclasses.field(default_factory=list)   # padded (h, w)
+    tiles: list[np.ndarray]  # padded, normalised
+    logits: list[Any]  # per tile: upsampled numpy logits, or the network's on the device
+    tile_sizes: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # padded (h, w)
 
 
-MIN_TILE = 32   # the network needs >= 32 pixels a side (stage 4 is 1/32 with a spatial reduction of 1)
+MIN_TILE = 32  # the network needs >= 32 pixels a side (stage 4 is 1/32 with a spatial reduction of 1)
 
 
 def _tile_shape(window_hw: tuple[int, int], crop: tuple[int, int] | None, bucket: int | None) -> tuple[int, int]:
     out = []
     for i, n in enumerate(window_hw):
         if crop is not None and n == crop[i]:
-            padded = n                                      # full windows: never padded
+            padded = n  # full windows: never padded
         else:
             padded = _round_up(n, bucket)
             padded = min(padded, crop[i]) if crop is not None else padded
-        out.append(max(padded, MIN_TILE))                   # tiny tiles are padded up to MIN_TILE
+        out.append(max(padded, MIN_TILE))  # tiny tiles are padded up to MIN_TILE
     return tuple(out)
 
 
@@ -334,7 +351,7 @@ def _plan(image: np.ndarray, cfg: InferenceConfig) -> list[_Aug]:
         for y1, y2, x1, x2 in windows:
             th, tw = _tile_shape((y2 - y1, x2 - x1), crop, cfg.bucket)
             tile = np.zeros((th, tw, 3), np.float32)
-            tile[:y2 - y1, :x2 - x1] = x[y1:y2, x1:x2]
+            tile[: y2 - y1, : x2 - x1] = x[y1:y2, x1:x2]
             tiles.append(tile)
         augs.append(_Aug(size, flip, windows, tiles, [None] * len(windows), [t.shape[:2] for t in tiles]))
     return augs
@@ -346,7 +363,7 @@ def _average_windows(aug: _Aug, window_logits: Sequence[np.ndarray]) -> np.ndarr
     preds = np.zeros((h, w, window_logits[0].shape[-1]), np.float32)
     count = np.zeros((h, w, 1), np.float32)
     for (y1, y2, x1, x2), tile_logits in zip(aug.windows, window_logits):
-        preds[y1:y2, x1:x2] += tile_logits[:y2 - y1, :x2 - x1]
+        preds[y1:y2, x1:x2] += tile_logits[: y2 - y1, : x2 - x1]
         count[y1:y2, x1:x2] += 1
     return preds / count
 
@@ -356,7 +373,7 @@ def _assemble(augs: list[_Aug], out_size: tuple[int, int]) -> np.ndarray:
     for aug in augs:
         if len(aug.windows) == 1:
             y1, y2, x1, x2 = aug.windows[0]
-            logits = aug.logits[0][:y2 - y1, :x2 - x1]
+            logits = aug.logits[0][: y2 - y1, : x2 - x1]
         else:
             logits = _average_windows(aug, aug.logits)
         if aug.flip:
@@ -367,7 +384,7 @@ def _assemble(augs: list[_Aug], out_size: tuple[int, int]) -> np.ndarray:
     return np.mean([softmax(r) for r in results], axis=0, dtype=np.float32).astype(np.float32)
 
 
-OUTPUT_BUCKET = 32   # device-side resizing pads output sizes to multiples of this: fewer compilations
+OUTPUT_BUCKET = 32  # device-side resizing pads output sizes to multiples of this: fewer compilations
 
 
 def _tile_then_image(x, tile_axes, image_axes):
@@ -385,13 +402,18 @@ def _device_programs():
     if _DEVICE_PROGRAMS is None:
         import jax
         import jax.numpy as jnp
+
         _DEVICE_PROGRAMS = {
             "tile": jax.jit(_resample_rows_cols),
             "logits": jax.jit(_tile_then_image),
-            "probs": jax.jit(lambda x, tile_axes, image_axes:
-                             jax.nn.softmax(_tile_then_image(x, tile_axes, image_axes), axis=-1)),
-            "labels": jax.jit(lambda x, tile_axes, image_axes:
-                              jnp.argmax(_tile_then_image(x, tile_axes, image_axes), axis=-1).astype(jnp.int32)),
+            "probs": jax.jit(
+                lambda x, tile_axes, image_axes: jax.nn.softmax(_tile_then_image(x, tile_axes, image_axes), axis=-1)
+            ),
+            "labels": jax.jit(
+                lambda x, tile_axes, image_axes: jnp.argmax(_tile_then_image(x, tile_axes, image_axes), axis=-1).astype(
+                    jnp.int32
+                )
+            ),
             "argmax": jax.jit(lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32)),
         }
     return _DEVICE_PROGRAMS
@@ -404,8 +426,12 @@ def _padded_axis(n_in: int, n_out: int, flip: bool = False):
     if flip:
         i0, i1 = n_in - 1 - i0, n_in - 1 - i1
     pad = _round_up(n_out, OUTPUT_BUCKET) - n_out
-    return (np.pad(i0, (0, pad)).astype(np.int32), np.pad(i1, (0, pad)).astype(np.int32),
-            np.pad(a, (0, pad)), np.pad(b, (0, pad)))
+    return (
+        np.pad(i0, (0, pad)).astype(np.int32),
+        np.pad(i1, (0, pad)).astype(np.int32),
+        np.pad(a, (0, pad)),
+        np.pad(b, (0, pad)),
+    )
 
 
 def _tile_axes(logits, tile_size):
@@ -426,13 +452,14 @@ def _assemble_on_device(augs: list[_Aug], out_size: tuple[int, int], labels: boo
     for aug in augs:
         h, w = aug.size
         if len(aug.windows) == 1:
-            logits = aug.logits[0]                            # network logits of the tile
+            logits = aug.logits[0]  # network logits of the tile
             tile_axes = _tile_axes(logits, aug.tile_sizes[0])
-        else:                                                 # sliding windows: averaged on the host
-            windows = [np.asarray(programs["tile"](t, *_tile_axes(t, size)))
-                       for t, size in zip(aug.logits, aug.tile_sizes)]
+        else:  # sliding windows: averaged on the host
+            windows = [
+                np.asarray(programs["tile"](t, *_tile_axes(t, size))) for t, size in zip(aug.logits, aug.tile_sizes)
+            ]
             logits = jax.device_put(_average_windows(aug, windows))
-            tile_axes = (_axis_weights(h, h), _axis_weights(w, w))   # already at the image's resized size
+            tile_axes = (_axis_weights(h, h), _axis_weights(w, w))  # already at the image's resized size
         image_axes = (_padded_axis(h, h0), _padded_axis(w, w0, flip=aug.flip))
         if single:
             out = programs["labels" if labels else "logits"](logits, tile_axes, image_axes)
@@ -443,8 +470,13 @@ def _assemble_on_device(augs: list[_Aug], out_size: tuple[int, int], labels: boo
     return np.asarray(programs["argmax"](mean) if labels else mean)[:h0, :w0]
 
 
-def segment_batch(forward: Callable[[np.ndarray], np.ndarray], images: Sequence[np.ndarray],
-                  cfg: InferenceConfig = InferenceConfig(), *, labels: bool = False) -> list[np.ndarray]:
+def segment_batch(
+    forward: Callable[[np.ndarray], np.ndarray],
+    images: Sequence[np.ndarray],
+    cfg: InferenceConfig = InferenceConfig(),
+    *,
+    labels: bool = False,
+) -> list[np.ndarray]:
     """Segment RGB images (each (H, W, 3), uint8 or float 0..255, any size). Tiles of equal shape from
     all images and augmentations go through `forward` together. Returns per image (H, W, num_labels):
     logits (one augmentation) or mean softmax probabilities (TTA); with labels=True the (H, W) int32
@@ -470,7 +502,7 @@ def segment_batch(forward: Callable[[np.ndarray], np.ndarray], images: Sequence[
             aug.logits[k] = out
     for augs in plans:
         for aug in augs:
-            aug.tiles = []                    # free the inputs
+            aug.tiles = []  # free the inputs
     sizes = [np.asarray(image).shape[:2] for image in images]
     if on_device:
         return [_assemble_on_device(augs, size, labels) for augs, size in zip(plans, sizes)]
@@ -478,8 +510,9 @@ def segment_batch(forward: Callable[[np.ndarray], np.ndarray], images: Sequence[
     return [np.argmax(r, axis=-1).astype(np.int32) for r in results] if labels else results
 
 
-def segment(forward: Callable[[np.ndarray], np.ndarray], image: np.ndarray,
-            cfg: InferenceConfig = InferenceConfig()) -> np.ndarray:
+def segment(
+    forward: Callable[[np.ndarray], np.ndarray], image: np.ndarray, cfg: InferenceConfig = InferenceConfig()
+) -> np.ndarray:
     """`segment_batch` for one image."""
     return segment_batch(forward, [image], cfg)[0]
 

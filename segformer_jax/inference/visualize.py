@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -43,4 +43,5 @@ def comparison_grid(images, labels, preds, palette, *, mean, std, gap: int = 2) 
 
 def save_png(image: np.ndarray, path: str) -> None:
     from PIL import Image
+
     Image.fromarray(np.asarray(image, np.uint8)).save(path)

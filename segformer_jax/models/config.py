@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 # The published MiT variants (NVlabs `mix_transformer.py`, HF nvidia/mit-bX and segformer-bX).
 # All share heads (1, 2, 5, 8), sr (8, 4, 2, 1), patch (7, 3, 3, 3), strides (4, 2, 2, 2) and
@@ -27,13 +28,26 @@ NVLABS_LAYER_NORM_EPS = 1e-6
 
 # Keys of HF's config.json that we read; anything else in the file is ignored (e.g. dtype).
 _HF_FIELDS = (
-    "num_channels", "num_encoder_blocks", "depths", "sr_ratios", "hidden_sizes", "patch_sizes",
-    "strides", "num_attention_heads", "mlp_ratios", "hidden_act", "hidden_dropout_prob",
-    "attention_probs_dropout_prob", "classifier_dropout_prob", "initializer_range",
-    "drop_path_rate", "decoder_hidden_size", "semantic_loss_ignore_index", "reshape_last_stage",
+    "num_channels",
+    "num_encoder_blocks",
+    "depths",
+    "sr_ratios",
+    "hidden_sizes",
+    "patch_sizes",
+    "strides",
+    "num_attention_heads",
+    "mlp_ratios",
+    "hidden_act",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "classifier_dropout_prob",
+    "initializer_range",
+    "drop_path_rate",
+    "decoder_hidden_size",
+    "semantic_loss_ignore_index",
+    "reshape_last_stage",
 )
-_TUPLE_FIELDS = ("depths", "sr_ratios", "hidden_sizes", "patch_sizes", "strides",
-                 "num_attention_heads", "mlp_ratios")
+_TUPLE_FIELDS = ("depths", "sr_ratios", "hidden_sizes", "patch_sizes", "strides", "num_attention_heads", "mlp_ratios")
 # Implementation choices (not part of the network's function); see docs in SegformerConfig.
 _IMPL_CHOICES = {
     "depthwise_conv_impl": ("auto", "native", "shifted"),
@@ -49,26 +63,26 @@ class ConfigError(ValueError):
 class SegformerConfig:
     """Architecture of a SegFormer (defaults: b0, as HF's `SegformerConfig()`)."""
 
-    num_channels: int = 3                     # input image channels
-    num_encoder_blocks: int = 4               # stages of the Mix Transformer encoder
-    depths: tuple[int, ...] = (2, 2, 2, 2)    # transformer blocks per stage
-    sr_ratios: tuple[int, ...] = (8, 4, 2, 1) # spatial reduction of keys/values per stage
+    num_channels: int = 3  # input image channels
+    num_encoder_blocks: int = 4  # stages of the Mix Transformer encoder
+    depths: tuple[int, ...] = (2, 2, 2, 2)  # transformer blocks per stage
+    sr_ratios: tuple[int, ...] = (8, 4, 2, 1)  # spatial reduction of keys/values per stage
     hidden_sizes: tuple[int, ...] = (32, 64, 160, 256)  # channels per stage
     patch_sizes: tuple[int, ...] = (7, 3, 3, 3)  # overlap patch-embed kernel per stage
-    strides: tuple[int, ...] = (4, 2, 2, 2)   # overlap patch-embed stride per stage
+    strides: tuple[int, ...] = (4, 2, 2, 2)  # overlap patch-embed stride per stage
     num_attention_heads: tuple[int, ...] = (1, 2, 5, 8)  # heads per stage
     mlp_ratios: tuple[int, ...] = (4, 4, 4, 4)  # Mix-FFN hidden expansion per stage
-    hidden_act: str = "gelu"                  # Mix-FFN activation (exact erf GELU)
-    hidden_dropout_prob: float = 0.0          # dropout after attention/FFN projections
-    attention_probs_dropout_prob: float = 0.0 # dropout on attention probabilities
-    classifier_dropout_prob: float = 0.1      # dropout before the decode head classifier
-    initializer_range: float = 0.02           # std of the truncated-normal init of dense layers
-    drop_path_rate: float = 0.1               # stochastic depth at the last block (linear from 0)
-    decoder_hidden_size: int = 256            # channels of the all-MLP decode head
-    num_labels: int = 150                     # segmentation classes (or ImageNet classes)
-    semantic_loss_ignore_index: int = 255     # label value ignored by the loss and metrics
-    reshape_last_stage: bool = True           # last stage as a feature map (False: tokens B,N,C)
-    layer_norm_eps: float = HF_LAYER_NORM_EPS # block and stage norms: 1e-5 for HF weights, 1e-6 for NVlabs
+    hidden_act: str = "gelu"  # Mix-FFN activation (exact erf GELU)
+    hidden_dropout_prob: float = 0.0  # dropout after attention/FFN projections
+    attention_probs_dropout_prob: float = 0.0  # dropout on attention probabilities
+    classifier_dropout_prob: float = 0.1  # dropout before the decode head classifier
+    initializer_range: float = 0.02  # std of the truncated-normal init of dense layers
+    drop_path_rate: float = 0.1  # stochastic depth at the last block (linear from 0)
+    decoder_hidden_size: int = 256  # channels of the all-MLP decode head
+    num_labels: int = 150  # segmentation classes (or ImageNet classes)
+    semantic_loss_ignore_index: int = 255  # label value ignored by the loss and metrics
+    reshape_last_stage: bool = True  # last stage as a feature map (False: tokens B,N,C)
+    layer_norm_eps: float = HF_LAYER_NORM_EPS  # block and stage norms: 1e-5 for HF weights, 1e-6 for NVlabs
     # Norms after the patch-embed conv and the attention's reduction conv: 1e-5 in HF and in NVlabs
     # (whose mix_transformer.py builds those two with nn.LayerNorm's default).
     embedding_layer_norm_eps: float = HF_LAYER_NORM_EPS
@@ -131,14 +145,14 @@ class SegformerConfig:
     def resolved_id2label(self) -> dict[int, str]:
         return dict(self.id2label) if self.id2label else {i: f"LABEL_{i}" for i in range(self.num_labels)}
 
-    def replace(self, **changes) -> "SegformerConfig":
+    def replace(self, **changes) -> SegformerConfig:
         if "num_labels" in changes and "id2label" not in changes and self.id2label is not None:
             changes["id2label"] = None  # old names no longer describe the new classes
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ presets
     @classmethod
-    def preset(cls, variant: str, **overrides) -> "SegformerConfig":
+    def preset(cls, variant: str, **overrides) -> SegformerConfig:
         """The published b0..b5 architecture, e.g. `SegformerConfig.preset("b2", num_labels=19)`."""
         key = variant.lower().removeprefix("mit-").removeprefix("segformer-")
         if key not in VARIANTS:
@@ -147,12 +161,13 @@ class SegformerConfig:
 
     # ------------------------------------------------------------------ HF config.json
     @classmethod
-    def from_hf_dict(cls, d: Mapping[str, Any], *, source: str = "config") -> "SegformerConfig":
+    def from_hf_dict(cls, d: Mapping[str, Any], *, source: str = "config") -> SegformerConfig:
         model_type = d.get("model_type")
         if model_type != "segformer":
             raise ConfigError(
                 f"{source} is not a SegFormer config (model_type={model_type!r}, expected 'segformer'); "
-                "point at the directory of a SegformerForSemanticSegmentation / SegformerModel checkpoint")
+                "point at the directory of a SegformerForSemanticSegmentation / SegformerModel checkpoint"
+            )
         kwargs = {k: d[k] for k in _HF_FIELDS if k in d}
         id2label = d.get("id2label")
         if id2label:
@@ -182,7 +197,7 @@ class SegformerConfig:
         return d
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "SegformerConfig":
+    def from_json_file(cls, path: str | os.PathLike) -> SegformerConfig:
         path = os.fspath(path)
         try:
             with open(path) as f:
@@ -198,8 +213,10 @@ class SegformerConfig:
     def to_json_string(self, architecture: str = "SegformerForSemanticSegmentation", *, with_impl: bool = False) -> str:
         d = self.to_hf_dict(architecture)
         if with_impl:
-            d["segformer_jax"] = {"layer_norm_eps": self.layer_norm_eps,
-                                  "embedding_layer_norm_eps": self.embedding_layer_norm_eps,
-                                  "depthwise_conv_impl": self.depthwise_conv_impl,
-                                  "decode_head_impl": self.decode_head_impl}
+            d["segformer_jax"] = {
+                "layer_norm_eps": self.layer_norm_eps,
+                "embedding_layer_norm_eps": self.embedding_layer_norm_eps,
+                "depthwise_conv_impl": self.depthwise_conv_impl,
+                "decode_head_impl": self.decode_head_impl,
+            }
         return json.dumps(d, indent=2, sort_keys=True) + "\n"

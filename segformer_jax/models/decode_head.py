@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -94,8 +95,7 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return Dense(self.features, dtype=self.dtype, kernel_init=dense_init(self.initializer_range),
-                     name="proj")(x)
+        return Dense(self.features, dtype=self.dtype, kernel_init=dense_init(self.initializer_range), name="proj")(x)
 
 
 def resolve_decode_head_impl(impl: str, train: bool = False) -> str:
@@ -143,19 +143,20 @@ class DecodeHead(nn.Module):
         x = BatchNorm(dtype=self.dtype, name="batch_norm")(x, train=train)
         x = nn.relu(x)
         x = nn.Dropout(cfg.classifier_dropout_prob, deterministic=not train)(x)
-        logits = Conv1x1(cfg.num_labels, kernel_init=conv_init(1, cfg.num_labels), dtype=self.dtype,
-                         name="classifier")(x)
+        logits = Conv1x1(cfg.num_labels, kernel_init=conv_init(1, cfg.num_labels), dtype=self.dtype, name="classifier")(
+            x
+        )
         return logits if period is None else kernels.from_column_phases(logits, period)
 
     def _fused(self, features, size, period: int | None):
         n, d = len(features), self.config.decoder_hidden_size
         params = self.variables["params"]
-        fuse_kernel = params["linear_fuse"]["kernel"][0, 0]           # (n*d, d), reversed stage order
+        fuse_kernel = params["linear_fuse"]["kernel"][0, 0]  # (n*d, d), reversed stage order
         out = None
         for i, f in enumerate(features):
-            block = fuse_kernel[(n - 1 - i) * d:(n - i) * d]          # stage i's slice of the fuse
+            block = fuse_kernel[(n - 1 - i) * d : (n - i) * d]  # stage i's slice of the fuse
             proj = params[f"linear_c_{i}"]["proj"]
-            kernel = proj["kernel"] @ block                           # (C_i, d): projection folded into fuse
+            kernel = proj["kernel"] @ block  # (C_i, d): projection folded into fuse
             bias = proj["bias"] @ block
             f, kernel, bias = nn.dtypes.promote_dtype(f, kernel, bias, dtype=self.dtype)
             y = _pixels_matmul(f, kernel) + bias

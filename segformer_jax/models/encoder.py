@@ -31,19 +31,30 @@ def check_images(config: SegformerConfig, images) -> None:
     """Clear errors for inputs the network cannot take, instead of failures deep inside XLA."""
     shape = tuple(images.shape)
     if len(shape) != 4:
-        raise ValueError(f"images must be a 4-D NHWC batch (batch, height, width, {config.num_channels}); "
-                         f"got shape {shape}. Add a batch axis with images[None] for a single image.")
+        raise ValueError(
+            f"images must be a 4-D NHWC batch (batch, height, width, {config.num_channels}); "
+            f"got shape {shape}. Add a batch axis with images[None] for a single image."
+        )
     if shape[-1] != config.num_channels:
-        hint = " It looks like NCHW: transpose with images.transpose(0, 2, 3, 1)." if shape[1] == config.num_channels else ""
-        raise ValueError(f"images must be NHWC with {config.num_channels} channels in the last axis; "
-                         f"got shape {shape}.{hint}")
+        hint = (
+            " It looks like NCHW: transpose with images.transpose(0, 2, 3, 1)."
+            if shape[1] == config.num_channels
+            else ""
+        )
+        raise ValueError(
+            f"images must be NHWC with {config.num_channels} channels in the last axis; got shape {shape}.{hint}"
+        )
     if not jnp.issubdtype(images.dtype, jnp.floating):
-        raise ValueError(f"images must be floating point, ImageNet-normalised ((x/255 - mean) / std); got dtype "
-                         f"{images.dtype}. Use segformer_jax.normalize_images(uint8_images).")
+        raise ValueError(
+            f"images must be floating point, ImageNet-normalised ((x/255 - mean) / std); got dtype "
+            f"{images.dtype}. Use segformer_jax.normalize_images(uint8_images)."
+        )
     for i, ((h, w), sr) in enumerate(zip(stage_sizes(config, shape[1], shape[2]), config.sr_ratios)):
         if h < max(sr, 1) or w < max(sr, 1):
-            raise ValueError(f"images of {shape[1]}x{shape[2]} are too small: stage {i + 1} would be {h}x{w}, "
-                             f"smaller than its spatial-reduction ratio {sr}. Use at least 32x32 pixels.")
+            raise ValueError(
+                f"images of {shape[1]}x{shape[2]} are too small: stage {i + 1} would be {h}x{w}, "
+                f"smaller than its spatial-reduction ratio {sr}. Use at least 32x32 pixels."
+            )
 
 
 class MixVisionTransformer(nn.Module):
@@ -51,7 +62,7 @@ class MixVisionTransformer(nn.Module):
     Returns the four stage outputs, NHWC, at strides 4, 8, 16, 32."""
 
     config: SegformerConfig
-    dtype: Dtype = jnp.float32   # computation dtype (parameters stay float32)
+    dtype: Dtype = jnp.float32  # computation dtype (parameters stay float32)
 
     def setup(self):
         cfg = self.config
@@ -59,21 +70,37 @@ class MixVisionTransformer(nn.Module):
         offsets = np.cumsum((0,) + cfg.depths)
         # Lists of submodules are named `{attribute}_{index}`: patch_embeddings_0, block_2_5, layer_norm_3.
         self.patch_embeddings = [
-            OverlapPatchEmbed(cfg.hidden_sizes[i], cfg.patch_sizes[i], cfg.strides[i], cfg.embedding_layer_norm_eps,
-                              self.dtype)
-            for i in range(cfg.num_encoder_blocks)]
-        self.block = [[self._make_block(i, rates[offsets[i] + j]) for j in range(cfg.depths[i])]
-                      for i in range(cfg.num_encoder_blocks)]
-        self.layer_norm = [LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype)
-                           for _ in range(cfg.num_encoder_blocks)]
+            OverlapPatchEmbed(
+                cfg.hidden_sizes[i], cfg.patch_sizes[i], cfg.strides[i], cfg.embedding_layer_norm_eps, self.dtype
+            )
+            for i in range(cfg.num_encoder_blocks)
+        ]
+        self.block = [
+            [self._make_block(i, rates[offsets[i] + j]) for j in range(cfg.depths[i])]
+            for i in range(cfg.num_encoder_blocks)
+        ]
+        self.layer_norm = [
+            LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype) for _ in range(cfg.num_encoder_blocks)
+        ]
 
     def _make_block(self, stage: int, drop_path, *, unbound: bool = False) -> Block:
         cfg = self.config
         kwargs = {"parent": None} if unbound else {}  # unbound: a template for Block.apply
-        return Block(cfg.hidden_sizes[stage], cfg.num_attention_heads[stage], cfg.sr_ratios[stage],
-                     cfg.mlp_ratios[stage], drop_path, cfg.attention_probs_dropout_prob, cfg.hidden_dropout_prob,
-                     cfg.layer_norm_eps, cfg.embedding_layer_norm_eps, cfg.initializer_range,
-                     cfg.depthwise_conv_impl, self.dtype, **kwargs)
+        return Block(
+            cfg.hidden_sizes[stage],
+            cfg.num_attention_heads[stage],
+            cfg.sr_ratios[stage],
+            cfg.mlp_ratios[stage],
+            drop_path,
+            cfg.attention_probs_dropout_prob,
+            cfg.hidden_dropout_prob,
+            cfg.layer_norm_eps,
+            cfg.embedding_layer_norm_eps,
+            cfg.initializer_range,
+            cfg.depthwise_conv_impl,
+            self.dtype,
+            **kwargs,
+        )
 
     def stage(self, x, index: int, *, train: bool = False, drop_path_draws=None):
         """Stage `index` (0-based) on the previous stage's NHWC output (or the images).
@@ -94,23 +121,29 @@ class MixVisionTransformer(nn.Module):
         cfg = self.config
         depth = cfg.depths[index]
         first = sum(cfg.depths[:index])
-        rates = cfg.drop_path_rates[first:first + depth]
+        rates = cfg.drop_path_rates[first : first + depth]
         params = [self.variables["params"][f"block_{index}_{j}"] for j in range(depth)]
         random = train and (max(rates) > 0 or cfg.hidden_dropout_prob > 0 or cfg.attention_probs_dropout_prob > 0)
         keys = jax.random.split(self.make_rng("dropout"), depth) if random else None
 
         def block(x, block_params, rate, key, draws):
-            if not random:   # drop path is the identity: keep its rate static (rate may be traced here)
+            if not random:  # drop path is the identity: keep its rate static (rate may be traced here)
                 return self._make_block(index, 0.0, unbound=True).apply({"params": block_params}, x, train=train)
-            return self._make_block(index, rate, unbound=True).apply({"params": block_params}, x, train=train,
-                                                                     drop_path_draws=draws, rngs={"dropout": key})
+            return self._make_block(index, rate, unbound=True).apply(
+                {"params": block_params}, x, train=train, drop_path_draws=draws, rngs={"dropout": key}
+            )
 
         if cfg.remat_blocks:
             block = jax.checkpoint(block)
         if not cfg.scan_blocks or depth == 1:
             for j in range(depth):
-                x = block(x, params[j], rates[j], keys[j] if random else None,
-                          None if drop_path_draws is None else drop_path_draws[j])
+                x = block(
+                    x,
+                    params[j],
+                    rates[j],
+                    keys[j] if random else None,
+                    None if drop_path_draws is None else drop_path_draws[j],
+                )
             return x
         stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *params)
         xs = (stacked, jnp.asarray(rates, jnp.float32), keys if random else jnp.zeros((depth,)), drop_path_draws)
@@ -124,7 +157,7 @@ class MixVisionTransformer(nn.Module):
             # One draw for every block's drop path (HF: torch.rand per call); split per stage.
             every = jax.random.uniform(self.make_rng("dropout"), (sum(cfg.depths), 2, x.shape[0]))
             offsets = np.cumsum((0,) + tuple(cfg.depths))
-            draws = [every[offsets[i]:offsets[i + 1]] for i in range(cfg.num_encoder_blocks)]
+            draws = [every[offsets[i] : offsets[i + 1]] for i in range(cfg.num_encoder_blocks)]
         features = []
         for i in range(cfg.num_encoder_blocks):
             x = self.stage(x, i, train=train, drop_path_draws=draws[i])

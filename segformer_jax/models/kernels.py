@@ -77,8 +77,15 @@ def layer_norm_reference(x, scale, bias, eps: float):
 
 # Rational approximation of erf on [-4, 4] in float32 (CHLO's `erf` decomposition): odd
 # numerator over even denominator, in powers of z^2 (highest first).
-_ERF_NUMERATOR = (-2.72614237e-10, 2.77068146e-08, -2.10102394e-06, -5.69250624e-05, -7.34990637e-04,
-                  -2.95460000e-03, -1.60960332e-02)
+_ERF_NUMERATOR = (
+    -2.72614237e-10,
+    2.77068146e-08,
+    -2.10102394e-06,
+    -5.69250624e-05,
+    -7.34990637e-04,
+    -2.95460000e-03,
+    -1.60960332e-02,
+)
 _ERF_DENOMINATOR = (-1.45660715e-05, -2.13374049e-04, -1.68282702e-03, -7.37332925e-03, -1.42647391e-02)
 
 
@@ -156,7 +163,7 @@ def attention(q, k, v):
     return attention_reference(q, k, v)
 
 
-_PER_IMAGE_ATTENTION_SIZE = 1 << 20   # probabilities per image from which a batch is looped over
+_PER_IMAGE_ATTENTION_SIZE = 1 << 20  # probabilities per image from which a batch is looped over
 
 
 def _attention_fwd(q, k, v):
@@ -166,11 +173,11 @@ def _attention_fwd(q, k, v):
 
 
 def _attention_bwd(res, g):
-    q, k, v, probs, out = res                     # heads first
+    q, k, v, probs, out = res  # heads first
     g = _heads_first(g.astype(out.dtype))
     dv = jnp.einsum("bhqk,bhqd->bhkd", probs, g)
     dprobs = jnp.einsum("bhqd,bhkd->bhqk", g, v)
-    row = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)   # (B, heads, N, 1)
+    row = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)  # (B, heads, N, 1)
     # d(loss)/d(scores); the 1/sqrt(d) goes onto the (M, d) keys and key gradient, as in the forward
     dscores = (probs.astype(jnp.float32) * (dprobs.astype(jnp.float32) - row)).astype(q.dtype)
     dq = jnp.einsum("bhqk,bhkd->bhqd", dscores, _over_sqrt_head_dim(k))
@@ -196,7 +203,7 @@ def _dw3x3_forward(x, kernel, bias):
     out = None
     for i in range(3):
         for j in range(3):
-            term = xp[:, i:i + h, j:j + w, :] * kernel[i, j, 0]
+            term = xp[:, i : i + h, j : j + w, :] * kernel[i, j, 0]
             out = term if out is None else out + term
     return out + bias
 
@@ -239,7 +246,7 @@ def _dw3x3_bwd(res, g):
     dx = None
     for i in range(3):
         for j in range(3):
-            term = gp[:, i:i + h, j:j + w, :] * kernel[2 - i, 2 - j, 0]
+            term = gp[:, i : i + h, j : j + w, :] * kernel[2 - i, 2 - j, 0]
             dx = term if dx is None else dx + term
     # dkernel[i, j] = sum(x * g shifted by (1 - i, 1 - j)): the shifted copies are of g, made here,
     # not of x, whose padded slices XLA would otherwise share with the forward pass and keep alive
@@ -248,7 +255,7 @@ def _dw3x3_bwd(res, g):
     # is written once instead of XLA recomputing its producer (the GELU backward and the forward
     # conv it needs) inside the reduction.
     shifted = [(i, j) for i in range(3) for j in range(3) if (i, j) != (1, 1)]
-    sums = dict(zip(shifted, _channel_sums(*[x * gp[:, 2 - i:2 - i + h, 2 - j:2 - j + w, :] for i, j in shifted])))
+    sums = dict(zip(shifted, _channel_sums(*[x * gp[:, 2 - i : 2 - i + h, 2 - j : 2 - j + w, :] for i, j in shifted])))
     sums[1, 1] = jnp.sum(x * g, axis=(0, 1, 2), dtype=jnp.float32)
     dbias = jnp.sum(g, axis=(0, 1, 2), dtype=jnp.float32)
     taps = [sums[i, j] for i in range(3) for j in range(3)]
@@ -261,9 +268,9 @@ depthwise_conv3x3.defvjp(_dw3x3_fwd, _dw3x3_bwd)
 
 def depthwise_conv3x3_native(x, kernel, bias):
     """The reference form: XLA's grouped convolution."""
-    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                     feature_group_count=x.shape[-1])
+    y = jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1]
+    )
     return y + bias
 
 
@@ -295,10 +302,12 @@ def _shift(x, axis: int, direction: int):
     """x shifted by one along axis with edge replication: direction -1 gives x[k-1], +1 gives x[k+1]."""
     n = x.shape[axis]
     if direction < 0:
-        return jnp.concatenate([jax.lax.slice_in_dim(x, 0, 1, axis=axis), jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)],
-                               axis=axis)
-    return jnp.concatenate([jax.lax.slice_in_dim(x, 1, n, axis=axis), jax.lax.slice_in_dim(x, n - 1, n, axis=axis)],
-                           axis=axis)
+        return jnp.concatenate(
+            [jax.lax.slice_in_dim(x, 0, 1, axis=axis), jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)], axis=axis
+        )
+    return jnp.concatenate(
+        [jax.lax.slice_in_dim(x, 1, n, axis=axis), jax.lax.slice_in_dim(x, n - 1, n, axis=axis)], axis=axis
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -308,7 +317,7 @@ def _upsample_axis_int(x, axis: int, s: int):
     dt = x.dtype
     neighbours = ((_shift(x, axis, -1), 1), (_shift(x, axis, +1), 2))
 
-    def blend(weights):   # only the taps with a nonzero weight (two per phase)
+    def blend(weights):  # only the taps with a nonzero weight (two per phase)
         out = x * jnp.asarray(weights[0], dt)
         for shifted, tap in neighbours:
             if weights[tap]:
@@ -316,7 +325,7 @@ def _upsample_axis_int(x, axis: int, s: int):
         return out
 
     out = jnp.stack([blend(w) for w in _phase_weights(s)], axis=axis + 1)
-    return out.reshape(x.shape[:axis] + (x.shape[axis] * s,) + x.shape[axis + 1:])
+    return out.reshape(x.shape[:axis] + (x.shape[axis] * s,) + x.shape[axis + 1 :])
 
 
 def _upsample_axis_int_fwd(x, axis, s):
@@ -328,7 +337,7 @@ def _upsample_axis_int_bwd(axis, s, _, g):
     # what it sends to itself and to its two neighbours. (Autodiff's slices-and-pads form lets XLA
     # fuse the producer of g into every tap, recomputing e.g. the loss's exp several times.)
     n_in = g.shape[axis] // s
-    grouped = g.reshape(g.shape[:axis] + (n_in, s) + g.shape[axis + 1:])
+    grouped = g.reshape(g.shape[:axis] + (n_in, s) + g.shape[axis + 1 :])
     sent = jnp.moveaxis(jnp.tensordot(grouped, jnp.asarray(_phase_weights(s), g.dtype), axes=[[axis + 1], [0]]), -1, 0)
     return (_gather_sent(sent, axis),)
 
@@ -339,12 +348,15 @@ def _gather_sent(sent, axis: int):
     n_in = sent.shape[axis + 1]
     own, to_prev, to_next = sent[0], sent[1], sent[2]
     zero = jnp.zeros_like(jax.lax.slice_in_dim(own, 0, 1, axis=axis))
-    first = jax.lax.slice_in_dim(to_prev, 0, 1, axis=axis)          # block 0's 'previous' is itself
+    first = jax.lax.slice_in_dim(to_prev, 0, 1, axis=axis)  # block 0's 'previous' is itself
     last = jax.lax.slice_in_dim(to_next, n_in - 1, n_in, axis=axis)  # the last block's 'next' is itself
     from_next = jnp.concatenate([jax.lax.slice_in_dim(to_prev, 1, n_in, axis=axis), zero], axis=axis)
     from_prev = jnp.concatenate([zero, jax.lax.slice_in_dim(to_next, 0, n_in - 1, axis=axis)], axis=axis)
-    edges = jnp.concatenate([first, jnp.zeros_like(jax.lax.slice_in_dim(own, 0, n_in - 2, axis=axis)), last],
-                            axis=axis) if n_in > 1 else first + last
+    edges = (
+        jnp.concatenate([first, jnp.zeros_like(jax.lax.slice_in_dim(own, 0, n_in - 2, axis=axis)), last], axis=axis)
+        if n_in > 1
+        else first + last
+    )
     return own + from_next + from_prev + edges
 
 
@@ -377,15 +389,17 @@ def upsample_columns_phased(x, s: int, period: int):
     that order directly (period a multiple of s, W = s * x.shape[2] a multiple of period)."""
     b, h, w, c = x.shape
     if period % s or w % (period // s):
-        raise ValueError(f"column-phase period {period} needs to be a multiple of the factor {s} and to "
-                         f"divide the upsampled width {s * w}")
-    q = period // s                           # input columns per period: phase r reads column q*k + r // s
+        raise ValueError(
+            f"column-phase period {period} needs to be a multiple of the factor {s} and to "
+            f"divide the upsampled width {s * w}"
+        )
+    q = period // s  # input columns per period: phase r reads column q*k + r // s
     k = w // q
-    weights = _phase_weights(s)               # (phase r % s, tap)
+    weights = _phase_weights(s)  # (phase r % s, tap)
     out = None
     for tap, tapped in enumerate((x, _shift(x, 2, -1), _shift(x, 2, +1))):
-        grouped = tapped.reshape(b, h, k, q, 1, c).transpose(0, 1, 3, 4, 2, 5)    # (b, h, q, 1, k, c)
-        term = grouped * jnp.asarray(weights[:, tap].reshape(s, 1, 1), x.dtype)   # (b, h, q, s, k, c)
+        grouped = tapped.reshape(b, h, k, q, 1, c).transpose(0, 1, 3, 4, 2, 5)  # (b, h, q, 1, k, c)
+        term = grouped * jnp.asarray(weights[:, tap].reshape(s, 1, 1), x.dtype)  # (b, h, q, s, k, c)
         out = term if out is None else out + term
     return out.reshape(b, h, s * w, c)
 
@@ -401,7 +415,7 @@ def _upsample_columns_phased_bwd(s, period, _, g):
     q = period // s
     k = W // period
     grouped = g.reshape(b, h, q, s, k, c)
-    sent = jnp.tensordot(grouped, jnp.asarray(_phase_weights(s), g.dtype), axes=[[3], [0]])   # (b, h, q, k, c, 3)
+    sent = jnp.tensordot(grouped, jnp.asarray(_phase_weights(s), g.dtype), axes=[[3], [0]])  # (b, h, q, k, c, 3)
     sent = sent.transpose(5, 0, 1, 3, 2, 4).reshape(3, b, h, k * q, c)
     return (_gather_sent(sent, 2),)
 
@@ -469,8 +483,9 @@ def resize_bilinear(x, size):
 def cross_entropy_reference(logits, labels, ignore_index: int = 255):
     """Plain form: upsample logits (B, h, w, K) to labels' (B, H, W) bilinearly, softmax CE, mean over
     pixels whose label != ignore_index (torch `F.cross_entropy(F.interpolate(...), ignore_index=...)`)."""
-    up = jax.image.resize(logits.astype(jnp.float32), (labels.shape[0], *labels.shape[1:], logits.shape[-1]),
-                          method="bilinear")
+    up = jax.image.resize(
+        logits.astype(jnp.float32), (labels.shape[0], *labels.shape[1:], logits.shape[-1]), method="bilinear"
+    )
     valid = labels != ignore_index
     safe = jnp.where(valid, labels, 0)
     logp = jax.nn.log_softmax(up, axis=-1)
@@ -502,7 +517,7 @@ def _upsampled_ce_fwd(logits, labels, ignore_index):
 def _upsampled_ce_bwd(ignore_index, res, g):
     logits, labels, lse, n_valid = res
     size = labels.shape[1:]
-    up, resize_vjp = jax.vjp(lambda l: resize_bilinear(l, size), logits.astype(jnp.float32))
+    up, resize_vjp = jax.vjp(lambda x: resize_bilinear(x, size), logits.astype(jnp.float32))
     valid = labels != ignore_index
     scale = jnp.where(valid, g / n_valid, 0.0)[..., None]
     onehot = labels[..., None] == jnp.arange(up.shape[-1], dtype=labels.dtype)

@@ -19,6 +19,7 @@ from segformer_jax.models import kernels
 
 Dtype = Any
 
+
 # HF `_init_weights`: Linear ~ trunc_normal(std=initializer_range); Conv2d ~ normal(0, sqrt(2 / fan_out))
 # with fan_out = k*k*out_channels/groups; LayerNorm 1/0; biases 0.
 def dense_init(std: float):
@@ -53,7 +54,7 @@ class LayerNorm(nn.Module):
     computed by `kernels.layer_norm` (hand-written VJP; same parameters as `nn.LayerNorm`)."""
 
     epsilon: float = 1e-5
-    dtype: Dtype = jnp.float32   # output dtype; statistics are float32
+    dtype: Dtype = jnp.float32  # output dtype; statistics are float32
 
     @nn.compact
     def __call__(self, x):
@@ -65,17 +66,23 @@ class LayerNorm(nn.Module):
 class OverlapPatchEmbed(nn.Module):
     """Strided conv with overlapping windows (kernel > stride), then LayerNorm (HF `patch_embeddings.i`)."""
 
-    hidden_size: int             # output channels
-    patch_size: int = 7          # conv kernel
-    stride: int = 4              # conv stride
+    hidden_size: int  # output channels
+    patch_size: int = 7  # conv kernel
+    stride: int = 4  # conv stride
     layer_norm_eps: float = 1e-5
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        x = nn.Conv(self.hidden_size, (self.patch_size, self.patch_size), strides=self.stride,
-                    padding=torch_padding(self.patch_size), dtype=self.dtype,
-                    kernel_init=conv_init(self.patch_size, self.hidden_size), name="proj")(x)
+        x = nn.Conv(
+            self.hidden_size,
+            (self.patch_size, self.patch_size),
+            strides=self.stride,
+            padding=torch_padding(self.patch_size),
+            dtype=self.dtype,
+            kernel_init=conv_init(self.patch_size, self.hidden_size),
+            name="proj",
+        )(x)
         return LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="layer_norm")(x)
 
 
@@ -86,7 +93,7 @@ class EfficientSelfAttention(nn.Module):
 
     hidden_size: int
     num_heads: int
-    sr_ratio: int                # 1 = plain attention
+    sr_ratio: int  # 1 = plain attention
     attention_dropout: float = 0.0
     reduction_layer_norm_eps: float = 1e-5  # LayerNorm after the reduction conv
     initializer_range: float = 0.02
@@ -100,14 +107,21 @@ class EfficientSelfAttention(nn.Module):
 
         q = dense("query")(x).reshape(b, h * w, self.num_heads, head_dim)
         if self.sr_ratio > 1:
-            x = nn.Conv(c, (self.sr_ratio, self.sr_ratio), strides=self.sr_ratio, padding="VALID",
-                        dtype=self.dtype, kernel_init=conv_init(self.sr_ratio, c), name="sr")(x)
+            x = nn.Conv(
+                c,
+                (self.sr_ratio, self.sr_ratio),
+                strides=self.sr_ratio,
+                padding="VALID",
+                dtype=self.dtype,
+                kernel_init=conv_init(self.sr_ratio, c),
+                name="sr",
+            )(x)
             x = LayerNorm(epsilon=self.reduction_layer_norm_eps, dtype=self.dtype, name="layer_norm")(x)
         kv = x.reshape(b, -1, c)
         k = dense("key")(kv).reshape(b, -1, self.num_heads, head_dim)
         v = dense("value")(kv).reshape(b, -1, self.num_heads, head_dim)
 
-        if train and self.attention_dropout > 0:   # dropout on the probabilities: plain autodiff form
+        if train and self.attention_dropout > 0:  # dropout on the probabilities: plain autodiff form
             dropout = nn.Dropout(self.attention_dropout, deterministic=False)
             out = kernels.attention_reference(q, k, v, probs_fn=dropout)
         else:
@@ -125,8 +139,7 @@ class SelfOutput(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
-        x = Dense(self.hidden_size, dtype=self.dtype, kernel_init=dense_init(self.initializer_range),
-                  name="dense")(x)
+        x = Dense(self.hidden_size, dtype=self.dtype, kernel_init=dense_init(self.initializer_range), name="dense")(x)
         return nn.Dropout(self.hidden_dropout, deterministic=not train)(x)
 
 
@@ -144,11 +157,19 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
-        x = EfficientSelfAttention(self.hidden_size, self.num_heads, self.sr_ratio, self.attention_dropout,
-                                   self.reduction_layer_norm_eps, self.initializer_range, self.dtype,
-                                   name="self")(x, train=train)
-        return SelfOutput(self.hidden_size, self.hidden_dropout, self.initializer_range, self.dtype,
-                          name="output")(x, train=train)
+        x = EfficientSelfAttention(
+            self.hidden_size,
+            self.num_heads,
+            self.sr_ratio,
+            self.attention_dropout,
+            self.reduction_layer_norm_eps,
+            self.initializer_range,
+            self.dtype,
+            name="self",
+        )(x, train=train)
+        return SelfOutput(self.hidden_size, self.hidden_dropout, self.initializer_range, self.dtype, name="output")(
+            x, train=train
+        )
 
 
 def resolve_depthwise_impl(impl: str) -> str:
@@ -162,7 +183,7 @@ class DepthwiseConv3x3(nn.Module):
     embeddings (HF `mlp.dwconv.dwconv`). Parameters are those of `nn.Conv(feature_group_count=C)`."""
 
     features: int
-    impl: str = "auto"           # 'native' grouped conv | 'shifted' multiply-adds | 'auto' per backend
+    impl: str = "auto"  # 'native' grouped conv | 'shifted' multiply-adds | 'auto' per backend
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -170,7 +191,7 @@ class DepthwiseConv3x3(nn.Module):
         kernel = self.param("kernel", conv_init(3, self.features, self.features), (3, 3, 1, self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        if output_scale != 1.0:   # scales the 9C + C parameters, not the output
+        if output_scale != 1.0:  # scales the 9C + C parameters, not the output
             kernel, bias = kernel * output_scale, bias * output_scale
         # 'shifted': 9 multiply-adds with a hand-written VJP; XLA:CPU runs the grouped conv at < 1 GFLOP/s.
         if resolve_depthwise_impl(self.impl) == "shifted":
@@ -195,8 +216,7 @@ class MixFFN(nn.Module):
         x = Dense(hidden, dtype=self.dtype, kernel_init=dense_init(self.initializer_range), name="dense1")(x)
         half = DWConv(hidden, self.depthwise_conv_impl, self.dtype, name="dwconv")(x, output_scale=0.5)
         x = drop(gelu_of_half(half))
-        x = Dense(self.hidden_size, dtype=self.dtype, kernel_init=dense_init(self.initializer_range),
-                  name="dense2")(x)
+        x = Dense(self.hidden_size, dtype=self.dtype, kernel_init=dense_init(self.initializer_range), name="dense2")(x)
         return drop(x)
 
 
@@ -234,7 +254,7 @@ class DWConv(nn.Module):
 class DropPath(nn.Module):
     """Stochastic depth: drop the whole residual branch per sample, rescale the kept ones."""
 
-    rate: float = 0.0            # a Python float, or a traced scalar when the blocks are scanned
+    rate: float = 0.0  # a Python float, or a traced scalar when the blocks are scanned
 
     @nn.compact
     def __call__(self, x, *, train: bool = False, draw=None):
@@ -245,7 +265,7 @@ class DropPath(nn.Module):
         keep = 1.0 - self.rate
         if draw is None:
             draw = jax.random.uniform(self.make_rng("dropout"), (x.shape[0],))
-        mask = (draw < keep).reshape((x.shape[0],) + (1,) * (x.ndim - 1))   # = jax.random.bernoulli(key, keep)
+        mask = (draw < keep).reshape((x.shape[0],) + (1,) * (x.ndim - 1))  # = jax.random.bernoulli(key, keep)
         return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
@@ -259,7 +279,7 @@ class Block(nn.Module):
     drop_path: float = 0.0
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
-    layer_norm_eps: float = 1e-5            # the block's two pre-norms
+    layer_norm_eps: float = 1e-5  # the block's two pre-norms
     reduction_layer_norm_eps: float = 1e-5  # the attention's reduction norm
     initializer_range: float = 0.02
     depthwise_conv_impl: str = "auto"
@@ -271,10 +291,26 @@ class Block(nn.Module):
         draws = (None, None) if drop_path_draws is None else (drop_path_draws[0], drop_path_draws[1])
         drop_path = DropPath(self.drop_path)
         y = LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="layer_norm_1")(x)
-        y = Attention(self.hidden_size, self.num_heads, self.sr_ratio, self.attention_dropout, self.hidden_dropout,
-                      self.reduction_layer_norm_eps, self.initializer_range, self.dtype, name="attention")(y, train=train)
+        y = Attention(
+            self.hidden_size,
+            self.num_heads,
+            self.sr_ratio,
+            self.attention_dropout,
+            self.hidden_dropout,
+            self.reduction_layer_norm_eps,
+            self.initializer_range,
+            self.dtype,
+            name="attention",
+        )(y, train=train)
         x = x + drop_path(y, train=train, draw=draws[0])
         y = LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="layer_norm_2")(x)
-        y = MixFFN(self.hidden_size, self.mlp_ratio, self.hidden_dropout, self.initializer_range,
-                   self.depthwise_conv_impl, self.dtype, name="mlp")(y, train=train)
+        y = MixFFN(
+            self.hidden_size,
+            self.mlp_ratio,
+            self.hidden_dropout,
+            self.initializer_range,
+            self.depthwise_conv_impl,
+            self.dtype,
+            name="mlp",
+        )(y, train=train)
         return x + drop_path(y, train=train, draw=draws[1])

@@ -20,7 +20,7 @@ class SegformerModel(nn.Module):
     """HF `segformer`: the MiT encoder; returns the four stage features (NHWC)."""
 
     config: SegformerConfig
-    dtype: Dtype = jnp.float32   # computation dtype; parameters stay float32
+    dtype: Dtype = jnp.float32  # computation dtype; parameters stay float32
 
     @nn.compact
     def __call__(self, images, *, train: bool = False):
@@ -32,7 +32,7 @@ class SegformerForSemanticSegmentation(nn.Module):
     """Encoder + all-MLP decode head. Logits are (B, ceil(H/4), ceil(W/4), num_labels), NHWC."""
 
     config: SegformerConfig
-    dtype: Dtype = jnp.float32   # computation dtype; parameters stay float32
+    dtype: Dtype = jnp.float32  # computation dtype; parameters stay float32
 
     @nn.compact
     def __call__(self, images, *, train: bool = False, output_hidden_states: bool = False):
@@ -52,8 +52,12 @@ class SegformerForImageClassification(nn.Module):
     def __call__(self, images, *, train: bool = False):
         features = SegformerModel(self.config, self.dtype, name="segformer")(images, train=train)
         pooled = features[-1].mean(axis=(1, 2))
-        logits = nn.Dense(self.config.num_labels, dtype=self.dtype, kernel_init=dense_init(self.config.initializer_range),
-                          name="classifier")(pooled)
+        logits = nn.Dense(
+            self.config.num_labels,
+            dtype=self.dtype,
+            kernel_init=dense_init(self.config.initializer_range),
+            name="classifier",
+        )(pooled)
         return logits.astype(jnp.float32)
 
 

@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
 logger = logging.getLogger("segformer_jax.training")
-
-
 
 
 class MetricWriter:
@@ -24,6 +22,7 @@ class MetricWriter:
             self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
             try:
                 from tensorboardX import SummaryWriter
+
                 self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
             except ImportError:  # tensorboardX is optional
                 logger.warning("tensorboardX is not installed: no TensorBoard logs")
@@ -47,5 +46,3 @@ class MetricWriter:
             self._jsonl.close()
             if self._tb is not None:
                 self._tb.close()
-
-

@@ -33,7 +33,9 @@ def semantic_segmentation_loss(logits, labels, *, ignore_index: int = 255, reduc
     if logits.ndim != 4 or labels.ndim != 3 or logits.shape[0] != labels.shape[0]:
         raise ValueError(f"expected logits (B, h, w, K) and labels (B, H, W); got {logits.shape} and {labels.shape}")
     if logits.shape[-1] < 2:
-        raise ValueError("num_labels must be >= 2 for softmax cross-entropy (HF's num_labels=1 BCE path is not supported)")
+        raise ValueError(
+            "num_labels must be >= 2 for softmax cross-entropy (HF's num_labels=1 BCE path is not supported)"
+        )
     labels = labels.astype(jnp.int32)
     mean_over_valid = kernels.upsampled_cross_entropy_banded(logits, labels, ignore_index)
     if reduction == "valid":

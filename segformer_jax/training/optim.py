@@ -25,7 +25,8 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +36,15 @@ from flax import traverse_util
 HEAD_PREFIX = "decode_head"
 
 
-def poly_warmup_schedule(base_lr: float, total_steps: int, *, warmup_steps: int = 1500, warmup_ratio: float = 1e-6,
-                         power: float = 1.0, min_lr: float = 0.0):
+def poly_warmup_schedule(
+    base_lr: float,
+    total_steps: int,
+    *,
+    warmup_steps: int = 1500,
+    warmup_ratio: float = 1e-6,
+    power: float = 1.0,
+    min_lr: float = 0.0,
+):
     """mmcv `PolyLrUpdaterHook(warmup='linear')` as an optax schedule: step -> lr (float32)."""
     if total_steps <= 0:
         raise ValueError(f"total_steps={total_steps} must be > 0")
@@ -45,7 +53,7 @@ def poly_warmup_schedule(base_lr: float, total_steps: int, *, warmup_steps: int 
         t = jnp.asarray(step, jnp.float32)
         # (total - t) / total rather than 1 - t / total: exact near the end of training in float32.
         remaining = jnp.clip((total_steps - t) / total_steps, 0.0, 1.0)
-        regular = (base_lr - min_lr) * remaining ** power + min_lr
+        regular = (base_lr - min_lr) * remaining**power + min_lr
         if warmup_steps <= 0:
             return regular
         # mmcv: regular * (1 - k), k = (1 - t / warmup) * (1 - ratio); written as ratio + (1 - ratio) t / warmup,
@@ -93,9 +101,14 @@ def make_optimizer(opt_config, total_steps: int, params) -> tuple[optax.Gradient
 
     opt_config fields: learning_rate, b1, b2, eps, weight_decay, head_lr_mult, warmup_steps, warmup_ratio,
     poly_power, min_lr, grad_clip_norm (0/None = off), grad_accum_steps (1 = off), no_decay_patterns."""
-    schedule = poly_warmup_schedule(opt_config.learning_rate, total_steps, warmup_steps=opt_config.warmup_steps,
-                                    warmup_ratio=opt_config.warmup_ratio, power=opt_config.poly_power,
-                                    min_lr=opt_config.min_lr)
+    schedule = poly_warmup_schedule(
+        opt_config.learning_rate,
+        total_steps,
+        warmup_steps=opt_config.warmup_steps,
+        warmup_ratio=opt_config.warmup_ratio,
+        power=opt_config.poly_power,
+        min_lr=opt_config.min_lr,
+    )
     mult = float(opt_config.head_lr_mult)
     patterns = tuple(opt_config.no_decay_patterns)
 
@@ -103,14 +116,20 @@ def make_optimizer(opt_config, total_steps: int, params) -> tuple[optax.Gradient
         return weight_decay_mask(p, patterns)
 
     def adamw(lr_schedule):
-        return optax.adamw(lr_schedule, b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps,
-                           weight_decay=opt_config.weight_decay, mask=mask)
+        return optax.adamw(
+            lr_schedule,
+            b1=opt_config.b1,
+            b2=opt_config.b2,
+            eps=opt_config.eps,
+            weight_decay=opt_config.weight_decay,
+            mask=mask,
+        )
 
     # Two AdamW instances over disjoint parameter sets; each keeps its own step count, which is the
     # same number, so both follow the same schedule shape.
     tx = optax.multi_transform(
-        {"encoder": adamw(schedule), "head": adamw(lambda step: schedule(step) * mult)},
-        param_groups(params))
+        {"encoder": adamw(schedule), "head": adamw(lambda step: schedule(step) * mult)}, param_groups(params)
+    )
     if opt_config.grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(opt_config.grad_clip_norm), tx)
     if opt_config.grad_accum_steps > 1:

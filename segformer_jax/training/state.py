@@ -11,7 +11,8 @@ all-reduce; BatchNorm statistics are over the global batch, i.e. SyncBN, as in t
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,6 @@ from segformer_jax.models.model import SegformerForSemanticSegmentation
 from segformer_jax.pretrained import init_variables
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
 
 
 class TrainingError(RuntimeError):
@@ -52,19 +52,29 @@ def maybe_initialize_distributed(config) -> None:
     if not wanted or jax.distributed.is_initialized():
         return
     explicit = {}
-    names = {"coordinator_address": "SEGFORMER_COORDINATOR", "num_processes": "SEGFORMER_NUM_PROCESSES",
-             "process_id": "SEGFORMER_PROCESS_ID"}
+    names = {
+        "coordinator_address": "SEGFORMER_COORDINATOR",
+        "num_processes": "SEGFORMER_NUM_PROCESSES",
+        "process_id": "SEGFORMER_PROCESS_ID",
+    }
     given = {k: os.environ[v] for k, v in names.items() if os.environ.get(v)}
     if given:
         missing = [names[k] for k in names if k not in given]
         if missing:
-            raise TrainingError(f"multi-host: {', '.join(missing)} not set (SEGFORMER_COORDINATOR, "
-                                "SEGFORMER_NUM_PROCESSES and SEGFORMER_PROCESS_ID go together)")
+            raise TrainingError(
+                f"multi-host: {', '.join(missing)} not set (SEGFORMER_COORDINATOR, "
+                "SEGFORMER_NUM_PROCESSES and SEGFORMER_PROCESS_ID go together)"
+            )
         try:
-            explicit = {"coordinator_address": given["coordinator_address"],
-                        "num_processes": int(given["num_processes"]), "process_id": int(given["process_id"])}
+            explicit = {
+                "coordinator_address": given["coordinator_address"],
+                "num_processes": int(given["num_processes"]),
+                "process_id": int(given["process_id"]),
+            }
         except ValueError as e:
-            raise TrainingError(f"multi-host: SEGFORMER_NUM_PROCESSES / SEGFORMER_PROCESS_ID must be integers ({e})")
+            raise TrainingError(
+                f"multi-host: SEGFORMER_NUM_PROCESSES / SEGFORMER_PROCESS_ID must be integers ({e})"
+            ) from None
     if os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION") is None:
         # XLA:CPU has no cross-process collectives by default; on accelerators this setting is unused.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -84,6 +94,7 @@ def shard_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dic
 def to_host(tree):
     """Device -> numpy. Replicated arrays are read from one local shard, which also works when they
     are not fully addressable (multi-host)."""
+
     def get(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             if x.sharding.is_fully_replicated:
@@ -91,6 +102,7 @@ def to_host(tree):
             shards = sorted(x.addressable_shards, key=lambda s: tuple(i.start or 0 for i in s.index))
             return np.concatenate([np.asarray(s.data) for s in shards], axis=0)
         return np.asarray(x)
+
     return jax.tree_util.tree_map(get, tree)
 
 
@@ -99,8 +111,16 @@ def to_host(tree):
 
 def _model_overrides(model_config) -> dict:
     """SegformerConfig fields set from config.model (regularisation and implementation choices)."""
-    keys = ("drop_path_rate", "classifier_dropout_prob", "hidden_dropout_prob", "attention_probs_dropout_prob",
-            "depthwise_conv_impl", "decode_head_impl", "scan_blocks", "remat_blocks")
+    keys = (
+        "drop_path_rate",
+        "classifier_dropout_prob",
+        "hidden_dropout_prob",
+        "attention_probs_dropout_prob",
+        "depthwise_conv_impl",
+        "decode_head_impl",
+        "scan_blocks",
+        "remat_blocks",
+    )
     out = {k: model_config[k] for k in keys if k in model_config and model_config[k] is not None}
     overrides = model_config.get("overrides") or {}
     out.update({k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in dict(overrides).items()})
@@ -116,11 +136,14 @@ def build_model(config, class_names) -> tuple[SegformerForSemanticSegmentation, 
     id2label = {i: str(n) for i, n in enumerate(class_names)}
     if config.model.init_from:
         from segformer_jax.pretrained import from_pretrained
-        model, variables = from_pretrained(config.model.init_from, id2label=id2label, dtype=dtype,
-                                           seed=config.seed, **_model_overrides(config.model))
+
+        model, variables = from_pretrained(
+            config.model.init_from, id2label=id2label, dtype=dtype, seed=config.seed, **_model_overrides(config.model)
+        )
         return model, variables
-    model_config = SegformerConfig.preset(config.model.variant, num_labels=len(class_names), id2label=id2label,
-                                          **_model_overrides(config.model))
+    model_config = SegformerConfig.preset(
+        config.model.variant, num_labels=len(class_names), id2label=id2label, **_model_overrides(config.model)
+    )
     return SegformerForSemanticSegmentation(model_config, dtype=dtype), None
 
 
@@ -133,18 +156,17 @@ def create_train_state(model, tx, rng, image_shape, variables=None) -> TrainStat
     """Fresh (or pretrained, when `variables` is given) parameters + optimiser state at step 0."""
     if variables is None:
         variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32))
-    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                             batch_stats=variables["batch_stats"])
+    return TrainState.create(
+        apply_fn=model.apply, params=variables["params"], tx=tx, batch_stats=variables["batch_stats"]
+    )
 
 
 def state_to_tree(state: TrainState) -> dict:
     """The checkpointed part of the state (apply_fn / tx are code, rebuilt from the config)."""
-    return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats,
-            "opt_state": state.opt_state}
+    return {"step": state.step, "params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state}
 
 
 def tree_to_state(state: TrainState, tree: Mapping) -> TrainState:
-    return state.replace(step=tree["step"], params=tree["params"], batch_stats=tree["batch_stats"],
-                         opt_state=tree["opt_state"])
-
-
+    return state.replace(
+        step=tree["step"], params=tree["params"], batch_stats=tree["batch_stats"], opt_state=tree["opt_state"]
+    )

@@ -10,19 +10,19 @@ never interrupted.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from segformer_jax.evaluation import metrics
 from segformer_jax.training import losses, optim
 from segformer_jax.training.state import TrainState, create_train_state, make_mesh, shard_batch, to_host
 from segformer_jax.xla_options import init_compiler_options, train_compiler_options
-
-
 
 
 def make_train_step(config, num_classes: int, lr_schedule: Callable, ignore_index: int = 255):
@@ -36,15 +36,21 @@ def make_train_step(config, num_classes: int, lr_schedule: Callable, ignore_inde
         step_rng = jax.random.fold_in(rng, state.step)
 
         def loss_fn(params):
-            logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, batch["image"],
-                                             train=True, rngs={"dropout": step_rng}, mutable=["batch_stats"])
-            loss = losses.semantic_segmentation_loss(logits, batch["label"], ignore_index=ignore_index,
-                                                     reduction=reduction)
+            logits, updates = state.apply_fn(
+                {"params": params, "batch_stats": state.batch_stats},
+                batch["image"],
+                train=True,
+                rngs={"dropout": step_rng},
+                mutable=["batch_stats"],
+            )
+            loss = losses.semantic_segmentation_loss(
+                logits, batch["label"], ignore_index=ignore_index, reduction=reduction
+            )
             return loss, updates["batch_stats"]
 
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-        lr = lr_schedule(state.step // accum)   # lr used by the update this micro-batch belongs to
+        lr = lr_schedule(state.step // accum)  # lr used by the update this micro-batch belongs to
         out = {"loss": loss, "grad_norm": optim.global_norm(grads), "lr": lr, "lr_head": lr * head_mult}
         return new_state, out
 
@@ -61,32 +67,52 @@ def make_eval_step(model, config, num_classes: int, ignore_index: int = 255):
     def eval_step(variables, batch):
         def logits_fn(images):
             return model.apply(variables, images)
+
         images, labels = batch["image"], batch["label"]
-        logits = metrics.predict(logits_fn, images, mode=mode, crop=crop, stride=stride, num_classes=num_classes,
-                                 out_size=labels.shape[1:3])
+        logits = metrics.predict(
+            logits_fn, images, mode=mode, crop=crop, stride=stride, num_classes=num_classes, out_size=labels.shape[1:3]
+        )
         preds = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        labels = jnp.where(batch["valid"][:, None, None], labels, ignore_index)   # padded examples
+        labels = jnp.where(batch["valid"][:, None, None], labels, ignore_index)  # padded examples
         return metrics.confusion_matrix(labels, preds, num_classes, ignore_index), preds
 
     return eval_step
 
 
-def evaluate(variables, eval_batches, eval_step_fn, *, num_classes, class_names, batch_sharding,
-             num_vis: int = 0, progress: bool = False):
+def evaluate(
+    variables,
+    eval_batches,
+    eval_step_fn,
+    *,
+    num_classes,
+    class_names,
+    batch_sharding,
+    num_vis: int = 0,
+    progress: bool = False,
+):
     """Runs `eval_step_fn` (jitted) over all eval batches. -> (results dict, first-batch visual data)."""
-    matrix, vis = confusion_over_batches(variables, eval_batches, eval_step_fn, num_classes=num_classes,
-                                         batch_sharding=batch_sharding, num_vis=num_vis, progress=progress)
+    matrix, vis = confusion_over_batches(
+        variables,
+        eval_batches,
+        eval_step_fn,
+        num_classes=num_classes,
+        batch_sharding=batch_sharding,
+        num_vis=num_vis,
+        progress=progress,
+    )
     return metrics.segmentation_metrics(matrix, class_names), vis
 
 
-def confusion_over_batches(variables, eval_batches, eval_step_fn, *, num_classes, batch_sharding,
-                           num_vis: int = 0, progress: bool = False):
+def confusion_over_batches(
+    variables, eval_batches, eval_step_fn, *, num_classes, batch_sharding, num_vis: int = 0, progress: bool = False
+):
     """-> ((K, K) int64 confusion matrix over all eval batches, first-batch visual data)."""
     acc = metrics.ConfusionMatrixAccumulator(num_classes)
     vis = None
     it = eval_batches
     if progress and jax.process_index() == 0:
         from tqdm.auto import tqdm
+
         it = tqdm(eval_batches, desc="eval", leave=False, dynamic_ncols=True)
     for batch in it:
         sizes = batch.get("image_size")
@@ -98,10 +124,9 @@ def confusion_over_batches(variables, eval_batches, eval_step_fn, *, num_classes
             n = min(num_vis, int(np.sum(batch["valid"])))
             pred = np.array(to_host(preds)[:n])
             for p, (h, w) in zip(pred, sizes[:n] if sizes is not None else ()):
-                p[h:], p[:, w:] = -1, -1   # the padding is no image: no class there, left uncoloured
+                p[h:], p[:, w:] = -1, -1  # the padding is no image: no class there, left uncoloured
             vis = {"image": batch["image"][:n], "label": batch["label"][:n], "pred": pred}
     return acc.result(), vis
-
 
 
 class TrainingSetup(NamedTuple):
@@ -109,15 +134,23 @@ class TrainingSetup(NamedTuple):
     replicated: NamedSharding
     batch_sharding: NamedSharding
     state_sharding: Any
-    abstract_state: TrainState          # ShapeDtypeStructs with shardings (restore target)
+    abstract_state: TrainState  # ShapeDtypeStructs with shardings (restore target)
     init_state: Callable[[], TrainState]  # fresh / pretrained state at step 0, sharded
-    train_step: Callable                # jitted train_step(state, batch, rng), state donated
+    train_step: Callable  # jitted train_step(state, batch, rng), state donated
     train_rng: jax.Array
     lr_schedule: Callable
 
 
-def build_training(config, model, pretrained=None, *, num_classes: int, ignore_index: int = 255,
-                   devices=None, compiler_options: dict | None = None) -> TrainingSetup:
+def build_training(
+    config,
+    model,
+    pretrained=None,
+    *,
+    num_classes: int,
+    ignore_index: int = 255,
+    devices=None,
+    compiler_options: dict | None = None,
+) -> TrainingSetup:
     """Optimiser, shardings over a 'data' mesh of `devices` (default: all), and the jitted step.
     compiler_options: XLA options of the train step (None: `xla_options.train_compiler_options()`;
         {}: XLA's defaults), e.g. {"xla_backend_optimization_level": 0} in tests
@@ -125,7 +158,7 @@ def build_training(config, model, pretrained=None, *, num_classes: int, ignore_i
     mesh = make_mesh(devices)
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P("data"))
-    image_shape = (64, 64, model.config.num_channels)   # parameters do not depend on the image size
+    image_shape = (64, 64, model.config.num_channels)  # parameters do not depend on the image size
     params_shape = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *image_shape)))["params"]
     tx, lr_schedule = optim.make_optimizer(config.optimizer, int(config.total_steps), params_shape)
 
@@ -134,17 +167,20 @@ def build_training(config, model, pretrained=None, *, num_classes: int, ignore_i
     abstract_state = jax.eval_shape(lambda: make_state(pretrained))
     state_sharding = jax.tree_util.tree_map(lambda _: replicated, abstract_state)
     abstract_state = jax.tree_util.tree_map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, state_sharding)
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, state_sharding
+    )
 
     def init_state():
         lowered = jax.jit(make_state, out_shardings=state_sharding).lower(pretrained)
         return lowered.compile(compiler_options=init_compiler_options())(pretrained)
 
-    train_step = jax.jit(make_train_step(config, num_classes, lr_schedule, ignore_index),
-                         in_shardings=(state_sharding, batch_sharding, replicated),
-                         out_shardings=(state_sharding, replicated), donate_argnums=(0,),
-                         compiler_options=train_compiler_options() if compiler_options is None else compiler_options)
-    return TrainingSetup(mesh, replicated, batch_sharding, state_sharding, abstract_state, init_state, train_step,
-                         train_rng, lr_schedule)
-
-
+    train_step = jax.jit(
+        make_train_step(config, num_classes, lr_schedule, ignore_index),
+        in_shardings=(state_sharding, batch_sharding, replicated),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=(0,),
+        compiler_options=train_compiler_options() if compiler_options is None else compiler_options,
+    )
+    return TrainingSetup(
+        mesh, replicated, batch_sharding, state_sharding, abstract_state, init_state, train_step, train_rng, lr_schedule
+    )
