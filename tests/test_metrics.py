@@ -98,3 +98,58 @@ def test_whole_inference_upsamples_logits_to_label_size():
     np.testing.assert_allclose(
         np.asarray(out), np.asarray(jax.image.resize(logits, (1, 16, 16, 2), "bilinear")), rtol=1e-5, atol=1e-6
     )
+
+
+def test_dice_fscore_precision_recall_by_hand():
+    # gt rows, pred columns. Class 2 is predicted but absent (Precision 0, Recall NaN, Fscore NaN,
+    # Dice 0); class 3 never appears (all NaN); class 1 is in the GT but never predicted (Precision NaN).
+    cm = np.array([[6, 2, 2, 0], [3, 0, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    r = metrics.segmentation_metrics(cm, ["a", "b", "c", "d"])
+    a, b, c, d = (r["per_class"][n] for n in "abcd")
+    # a: TP 6, GT 10, Pred 9
+    assert a["Dice"] == 2 * 6 / 19 and a["Precision"] == 6 / 9 and a["Recall"] == 6 / 10
+    assert a["Fscore"] == pytest.approx(2 * (6 / 9) * (6 / 10) / (6 / 9 + 6 / 10), rel=1e-15)
+    # b: TP 0, GT 4, Pred 2
+    assert b["Dice"] == 0.0 and b["Precision"] == 0.0 and b["Recall"] == 0.0 and math.isnan(b["Fscore"])
+    # c: TP 0, GT 0, Pred 3
+    assert c["Dice"] == 0.0 and c["Precision"] == 0.0 and math.isnan(c["Recall"]) and math.isnan(c["Fscore"])
+    assert all(math.isnan(d[m]) for m in ("Dice", "Fscore", "Precision", "Recall"))
+    assert r["mDice"] == pytest.approx((12 / 19 + 0 + 0) / 3, rel=1e-15)
+    assert r["mPrecision"] == pytest.approx((6 / 9 + 0 + 0) / 3, rel=1e-15)
+    assert r["mRecall"] == pytest.approx((6 / 10 + 0) / 2, rel=1e-15) and r["mRecall"] == r["mAcc"]
+    assert r["mFscore"] == pytest.approx(a["Fscore"], rel=1e-15)
+    table = metrics.format_table(r)
+    for word in ("Dice", "Fscore", "Precision", "Recall", "mDice", "mFscore"):
+        assert word in table
+    assert "63.16" in table  # a's Dice in percent
+
+
+def test_metrics_against_sklearn_style_numpy_reference():
+    # A random matrix: the per-class formulas written out from the label / prediction vectors.
+    rng = np.random.default_rng(3)
+    labels, preds = rng.integers(0, 5, 4000), rng.integers(0, 5, 4000)
+    preds[preds == 4] = 0
+    preds[labels == 4] = 4  # class 4 perfect
+    cm = np.asarray(metrics.confusion_matrix(jnp.asarray(labels), jnp.asarray(preds), 5))
+    r = metrics.segmentation_metrics(cm)
+    for c in range(5):
+        tp = np.sum((labels == c) & (preds == c))
+        fp = np.sum((labels != c) & (preds == c))
+        fn = np.sum((labels == c) & (preds != c))
+        row = r["per_class"][str(c)]
+        assert row["IoU"] == tp / (tp + fp + fn)
+        assert row["Dice"] == 2 * tp / (2 * tp + fp + fn)
+        assert row["Precision"] == tp / (tp + fp) and row["Recall"] == tp / (tp + fn)
+        p, q = tp / (tp + fp), tp / (tp + fn)
+        assert row["Fscore"] == pytest.approx(2 * p * q / (p + q), rel=1e-15)
+    assert r["per_class"]["4"]["Dice"] == 1.0
+
+
+def test_binary_confusion_matrix_is_two_classes():
+    # A binary model's prediction (logit > 0) against 0 / 1 / 255 labels: background and foreground IoU.
+    labels = np.array([[0, 0, 1, 1, 255], [1, 0, 1, 0, 1]])
+    logits = np.array([[-1.0, 2.0, 3.0, -0.5, 9.0], [0.1, -2.0, 4.0, -3.0, -0.1]])
+    cm = np.asarray(metrics.confusion_matrix(jnp.asarray(labels), jnp.asarray(logits > 0), 2))
+    np.testing.assert_array_equal(cm, [[3, 1], [2, 3]])
+    r = metrics.segmentation_metrics(cm, ["background", "foreground"])
+    assert r["per_class"]["foreground"]["IoU"] == 3 / 6 and r["per_class"]["background"]["IoU"] == 3 / 6

@@ -6,7 +6,12 @@ Conventions (mmseg `mean_iou` / `IoUMetric`):
 * pixels labelled `ignore_index` (and labels outside [0, K)) are not counted;
 * per class IoU = TP / (GT + Pred - TP), Acc = TP / GT; a class with a zero denominator (absent from the
   ground truth, and for IoU also never predicted) gets NaN and is excluded from the means;
-* aAcc = all TP / all counted pixels.
+* aAcc = all TP / all counted pixels;
+* Dice = 2 TP / (GT + Pred), Precision = TP / Pred, Recall = TP / GT (= Acc), Fscore = the F1 of
+  Precision and Recall (mmseg `mDice` / `mFscore`, beta 1); NaN where a denominator is 0 (Fscore:
+  where Precision or Recall is NaN, or both are 0), excluded from the means.
+
+Binary models (one logit channel) are evaluated as 2 classes: background 0, foreground 1.
 """
 
 from __future__ import annotations
@@ -78,35 +83,60 @@ def segmentation_metrics(matrix, class_names: Sequence[str] | None = None) -> di
     with np.errstate(divide="ignore", invalid="ignore"):
         iou = np.where(union > 0, tp / union, np.nan)
         acc = np.where(gt > 0, tp / gt, np.nan)
+        dice = np.where(gt + pred > 0, 2 * tp / (gt + pred), np.nan)
+        precision = np.where(pred > 0, tp / pred, np.nan)
+        recall = acc
+        fscore = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), np.nan)
     total = cm.sum()
 
     def nanmean(x):
         return float(np.nanmean(x)) if np.any(~np.isnan(x)) else float("nan")
 
+    per_class = {}
+    for i, name in enumerate(names):
+        per_class[name] = {
+            "IoU": float(iou[i]),
+            "Acc": float(acc[i]),
+            "Dice": float(dice[i]),
+            "Fscore": float(fscore[i]),
+            "Precision": float(precision[i]),
+            "Recall": float(recall[i]),
+        }
     return {
         "mIoU": nanmean(iou),
         "mAcc": nanmean(acc),
         "aAcc": float(tp.sum() / total) if total > 0 else float("nan"),
+        "mDice": nanmean(dice),
+        "mFscore": nanmean(fscore),
+        "mPrecision": nanmean(precision),
+        "mRecall": nanmean(recall),
         "num_pixels": int(total),
-        "per_class": {name: {"IoU": float(i), "Acc": float(a)} for name, i, a in zip(names, iou, acc)},
+        "per_class": per_class,
     }
+
+
+SUMMARY_METRICS = ("mIoU", "mAcc", "aAcc", "mDice", "mFscore", "mPrecision", "mRecall")
+PER_CLASS_METRICS = ("IoU", "Acc", "Dice", "Fscore", "Precision", "Recall")
 
 
 def format_table(results: Mapping) -> str:
     """Per-class table (percent, as mmseg prints it) followed by the summary line."""
     names = list(results["per_class"])
     width = max([5] + [len(n) for n in names])
-    lines = [f"{'Class':<{width}} | {'IoU':>6} | {'Acc':>6}", f"{'-' * width}-+-{'-' * 6}-+-{'-' * 6}"]
+    columns = [c for c in PER_CLASS_METRICS if any(c in row for row in results["per_class"].values())]
+    cell = max(len(c) for c in columns)
+    lines = [
+        " | ".join([f"{'Class':<{width}}"] + [f"{c:>{cell}}" for c in columns]),
+        "-+-".join(["-" * width] + ["-" * cell] * len(columns)),
+    ]
 
     def pct(v):
-        return "   nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:6.2f}"
+        return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
 
     for name in names:
         row = results["per_class"][name]
-        lines.append(f"{name:<{width}} | {pct(row['IoU'])} | {pct(row['Acc'])}")
-    lines.append(
-        f"aAcc {pct(results['aAcc']).strip()}  mIoU {pct(results['mIoU']).strip()}  mAcc {pct(results['mAcc']).strip()}"
-    )
+        lines.append(" | ".join([f"{name:<{width}}"] + [f"{pct(row.get(c)):>{cell}}" for c in columns]))
+    lines.append("  ".join(f"{m} {pct(results[m])}" for m in SUMMARY_METRICS if m in results))
     return "\n".join(lines)
 
 
