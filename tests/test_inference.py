@@ -1,5 +1,9 @@
 """Whole-image / sliding-window / TTA inference against a straightforward torch reference of the
-NVlabs (mmseg) procedure, run with the Hugging Face torch model; compilation counting."""
+NVlabs (mmseg) procedure, run with the Hugging Face torch model on each tile's unpadded pixels (torch
+`F.interpolate` for every resize, nothing of segformer_jax); compilation counting.
+
+The reference model's weights make every branch matter (initializer_range 0.3, perturbed norms,
+logits of order 10): zero padding then moves the logits by O(1), so a padded shortcut cannot pass."""
 
 from __future__ import annotations
 
@@ -27,18 +31,41 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}  # same function, ~2x faste
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
 
 
+TOLERANCE = 1e-4  # logits of order 10; float32 noise of both sides is ~1e-5
+
+
+def _hf_reference():
+    torch.manual_seed(0)
+    ref = transformers.SegformerForSemanticSegmentation(
+        transformers.SegformerConfig(**TINY, initializer_range=0.3)
+    ).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in ref.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                module.weight.normal_(0, 1.0 / np.sqrt(module.weight[0].numel()), generator=g)
+                if module.bias is not None:
+                    module.bias.normal_(0, 0.1, generator=g)
+            if isinstance(module, (torch.nn.LayerNorm, torch.nn.BatchNorm2d)):
+                module.weight.copy_(1 + 0.3 * torch.randn(module.weight.shape, generator=g))
+                module.bias.copy_(0.2 * torch.randn(module.bias.shape, generator=g))
+        ref.decode_head.batch_norm.running_var.uniform_(0.5, 1.5, generator=g)
+        ref.decode_head.batch_norm.running_mean.normal_(0, 0.1, generator=g)
+        x = (torch.from_numpy(_image(64, 96).astype(np.float32)).permute(2, 0, 1)[None] - MEAN) / STD
+        peak = ref(x).logits.abs().max()
+        ref.decode_head.classifier.weight.mul_(10 / peak)
+        ref.decode_head.classifier.bias.mul_(10 / peak)
+    return ref
+
+
 @pytest.fixture(scope="module")
 def models():
-    torch.manual_seed(0)
-    ref = transformers.SegformerForSemanticSegmentation(transformers.SegformerConfig(**TINY)).eval()
-    with torch.no_grad():  # a non-trivial BatchNorm so the head is not near-constant
-        ref.decode_head.batch_norm.running_var.uniform_(0.5, 1.5)
-        ref.decode_head.batch_norm.running_mean.normal_(0, 0.1)
+    ref = _hf_reference()
     model = sj.SegformerForSemanticSegmentation(sj.SegformerConfig(**TINY))
     state = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
     variables, _ = torch_state_to_flax(state, variable_shapes(model))
     forward = inference.TiledForward.from_model(model, variables, batch_size=4, compiler_options=FAST_COMPILE)
-    return ref, forward
+    return ref, forward, (model, variables)
 
 
 # ------------------------------------------------------------------ reference (mmseg, torch, one image)
@@ -50,22 +77,17 @@ def _ref_keep_ratio(h, w, scale, ratio):
     return int(h * f + 0.5), int(w * f + 0.5)
 
 
-def _ref_encode_decode(ref, x, bucket, full_crop=None):
-    """mmseg encode_decode, with the bottom/right zero padding of tiles to a multiple of `bucket`."""
+def _ref_encode_decode(ref, x):
+    """mmseg encode_decode on the tile's own pixels: the HF model, logits resized to the tile. A side
+    under 32 pixels (which the network cannot take) is zero-padded to 32, as the procedure does."""
     h, w = x.shape[2:]
-    ph, pw = h, w
-    if bucket:
-        ph, pw = -(-h // bucket) * bucket, -(-w // bucket) * bucket
-        if full_crop is not None:
-            ph = h if h == full_crop[0] else min(ph, full_crop[0])
-            pw = w if w == full_crop[1] else min(pw, full_crop[1])
-    xp = F.pad(x, (0, pw - w, 0, ph - h))
-    out = ref(xp).logits
+    ph, pw = max(h, 32), max(w, 32)
+    out = ref(F.pad(x, (0, pw - w, 0, ph - h))).logits
     out = F.interpolate(out, size=(ph, pw), mode="bilinear", align_corners=False)
     return out[:, :, :h, :w]
 
 
-def _ref_slide(ref, img, crop, stride, bucket):
+def _ref_slide(ref, img, crop, stride):
     """mmseg EncoderDecoder.slide_inference, verbatim in structure."""
     h_stride, w_stride = stride
     h_crop, w_crop = crop
@@ -79,14 +101,14 @@ def _ref_slide(ref, img, crop, stride, bucket):
             y1, x1 = h_idx * h_stride, w_idx * w_stride
             y2, x2 = min(y1 + h_crop, h_img), min(x1 + w_crop, w_img)
             y1, x1 = max(y2 - h_crop, 0), max(x2 - w_crop, 0)
-            crop_logit = _ref_encode_decode(ref, img[:, :, y1:y2, x1:x2], bucket, crop)
+            crop_logit = _ref_encode_decode(ref, img[:, :, y1:y2, x1:x2])
             preds += F.pad(crop_logit, (int(x1), int(preds.shape[3] - x2), int(y1), int(preds.shape[2] - y2)))
             count_mat[:, :, y1:y2, x1:x2] += 1
     assert (count_mat == 0).sum() == 0
     return preds / count_mat
 
 
-def _reference(ref, image, cfg: inference.InferenceConfig):
+def _reference(ref, image, cfg: inference.InferenceConfig, *, tta_mean_of="probabilities"):
     h0, w0 = image.shape[:2]
     img = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None]
     outs = []
@@ -99,9 +121,9 @@ def _reference(ref, image, cfg: inference.InferenceConfig):
                 if flip:
                     x = x.flip(3)
                 if cfg.mode == "whole":
-                    logit = _ref_encode_decode(ref, x, cfg.bucket)
+                    logit = _ref_encode_decode(ref, x)
                 else:
-                    logit = _ref_slide(ref, x, cfg.crop, cfg.stride, cfg.bucket)
+                    logit = _ref_slide(ref, x, cfg.crop, cfg.stride)
                 if flip:
                     logit = logit.flip(3)
                 if (h, w) != (h0, w0):
@@ -109,8 +131,10 @@ def _reference(ref, image, cfg: inference.InferenceConfig):
                 outs.append(logit)
     if len(outs) == 1:
         out = outs[0]
-    else:
+    elif tta_mean_of == "probabilities":  # mmseg aug_test
         out = sum(F.softmax(o, dim=1) for o in outs) / len(outs)
+    else:  # the other reading, to show the test can tell them apart
+        out = F.softmax(sum(outs) / len(outs), dim=1)
     return out[0].permute(1, 2, 0).numpy()
 
 
@@ -179,25 +203,74 @@ CASES = {
         (40, 150),
     ),
     "tta_scales_flip": (inference.InferenceConfig("whole", scale=(96, 64), ratios=(0.75, 1.0), flip=True), (45, 70)),
+    "whole_tiny_side": (inference.InferenceConfig("whole", scale=None, bucket=32), (20, 70)),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_agrees_with_reference(models, case):
-    ref, forward = models
+    ref, forward, _ = models
     cfg, (h, w) = CASES[case]
     image = _image(h, w, seed=len(case))
     ours = inference.segment(forward, image, cfg)
     want = _reference(ref, image, cfg)
     assert ours.shape == (h, w, TINY["num_labels"])
-    np.testing.assert_allclose(ours, want, atol=1e-5, rtol=0)
+    assert np.abs(want).max() > (0.5 if cfg.augmentations[1:] else 3.0)  # not a degenerate reference
+    np.testing.assert_allclose(ours, want, atol=TOLERANCE, rtol=0)
+    if len(cfg.augmentations) > 1:  # the mean of probabilities, not the softmax of the mean logits
+        other = _reference(ref, image, cfg, tta_mean_of="logits")
+        assert np.abs(other - want).max() > 100 * TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "sizes", [[(97, 131), (120, 100)], [(33, 250)], [(360, 480)]], ids=["97x131+120x100", "33x250", "360x480"]
+)
+def test_bucketed_images_get_their_unpadded_logits(models, sizes):
+    """Sizes that are not multiples of 32, padded to their bucket and run in one batch: each image's
+    logits are transformers' on that image alone (the padded form missed by O(1) and 10-50% of labels)."""
+    ref, forward, _ = models
+    cfg = inference.InferenceConfig("whole", scale=None, bucket=32)
+    images = [_image(h, w, seed=h) for h, w in sizes]
+    ours = inference.segment_batch(forward, images, cfg)
+    labels = inference.segment_batch(forward, images, cfg, labels=True)
+    for image, logits, lab in zip(images, ours, labels):
+        want = _reference(ref, image, inference.InferenceConfig("whole", scale=None, bucket=None))
+        assert np.abs(want).max() > 3.0
+        np.testing.assert_allclose(logits, want, atol=TOLERANCE, rtol=0)
+        np.testing.assert_array_equal(lab, want.argmax(-1))
+
+
+def test_the_padded_form_differs_so_the_reference_can_tell(models):
+    """exact=False (the old behaviour: the padded tile is the input) is O(1) away from transformers on
+    the same image: the reference above is sensitive to padding."""
+    ref, _, (model, variables) = models
+    padded = inference.TiledForward.from_model(model, variables, batch_size=1, exact=False)
+    image = _image(97, 131, seed=97)
+    cfg = inference.InferenceConfig("whole", scale=None, bucket=32)
+    want = _reference(ref, image, cfg)
+    got = inference.segment(padded, image, cfg)
+    assert np.abs(got - want).max() > 0.5
+    assert np.mean(got.argmax(-1) == want.argmax(-1)) < 0.99
+
+
+_PADDED = {}
+
+
+def _padded_forward(model, variables):
+    if "forward" not in _PADDED:
+        _PADDED["forward"] = inference.TiledForward.from_model(
+            model, variables, batch_size=4, compiler_options=FAST_COMPILE, exact=False
+        )
+    return _PADDED["forward"]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_device_assembly_equals_the_numpy_one(models, case):
     """A TiledForward keeps the logits on its device and resizes / averages / takes the argmax there; any
     other callable gets the numpy procedure. Same numbers, same labels."""
-    _, forward = models
+    _, _, (model, variables) = models
+    # The numpy path runs `forward` on the padded tiles as they are: compare with the padded device path.
+    forward = _padded_forward(model, variables)
     cfg, (h, w) = CASES[case]
     images = [_image(h, w, seed=3), _image(h + 7, w - 5, seed=4)]
     on_device = inference.segment_batch(forward, images, cfg)
@@ -205,7 +278,7 @@ def test_device_assembly_equals_the_numpy_one(models, case):
     labels = inference.segment_batch(forward, images, cfg, labels=True)
     for dev, host, lab, image in zip(on_device, on_host, labels, images):
         assert dev.shape == host.shape == image.shape[:2] + (TINY["num_labels"],)
-        np.testing.assert_allclose(dev, host, atol=2e-6, rtol=0)
+        np.testing.assert_allclose(dev, host, atol=1e-5, rtol=0)  # float32 rounding of order-10 logits
         assert lab.shape == image.shape[:2] and lab.dtype == np.int32
         top2 = np.sort(host, axis=-1)[..., -2:]
         clear = top2[..., 1] - top2[..., 0] > 1e-5  # argmax ties within rounding may go either way
@@ -213,7 +286,7 @@ def test_device_assembly_equals_the_numpy_one(models, case):
 
 
 def test_batched_equals_one_by_one_and_compiles_once_per_bucket(models):
-    ref, forward = models  # shared with the tests above: compilations accumulate over the module
+    ref, forward, _ = models  # shared with the tests above: compilations accumulate over the module
     cfg = inference.InferenceConfig("whole", scale=None, bucket=32)
     rng = np.random.default_rng(1)
     sizes = [(int(rng.integers(40, 64)), int(rng.integers(50, 96))) for _ in range(20)]

@@ -9,10 +9,14 @@ Pipeline for one image of H0 x W0 pixels (0..255 RGB) and one augmentation (rati
 2. mode 'whole': the image is one tile. mode 'slide': windows of `crop` every `stride` pixels
    (mmseg grid: the last window is shifted back inside the image);
 3. each tile is padded with zeros (after normalisation) at the bottom/right to a multiple of `bucket`
-   pixels, so that images of similar size share one compiled function; the model's logits
-   (1/4 size) are upsampled bilinearly to the padded tile size and the padding is cropped off
-   (mmseg 1.x does the same with its size_divisor padding). Windows of exactly `crop` size are
-   never padded, so sliding-window results equal mmseg's; bucket=None disables padding;
+   pixels, so that images of similar size share one compiled function. The tile's valid size goes in
+   with it (a runtime input: `model.apply(..., valid_size=)`), and the network computes each tile's
+   logits as if it were unpadded (convs read zeros past its border, attention ignores the padded
+   keys, the decode head's upsampling uses its own sizes' weights); they are upsampled bilinearly to
+   the valid size. So the result equals the network on the unpadded tile (what transformers computes),
+   whatever the bucket. Windows of exactly `crop` size are never padded, so sliding-window results
+   equal mmseg's; bucket=None disables padding (one compilation per size). Sides under 32 pixels (the
+   network's minimum) are padded to 32 and that padding is part of the input;
 4. overlapping window logits are summed and divided by the window count; mirrored back; resized
    to H0 x W0 (bilinear).
 
@@ -245,8 +249,15 @@ class TiledForward:
     """`forward(tiles)`: float32 (N, H, W, 3) ImageNet-normalised tiles -> logits upsampled to
     (N, H, W, num_labels), computed by a jitted `apply_fn(variables, batch)` over fixed batches of
     `batch_size` (the last batch is padded with zero tiles): one compilation of the network per tile
-    shape. `compilations` counts them (the Python body runs once per trace). `on_device(tiles)` keeps
-    the network's (1/4 resolution) logits on the device for `segment_batch` to finish there."""
+    shape. `compilations` counts them (the Python body runs once per trace). `on_device(tiles,
+    valid_sizes)` keeps the network's (1/4 resolution) logits on the device for `segment_batch` to
+    finish there.
+
+    exact (default): `apply_fn` takes `valid_size=` (the model's apply does), and each tile's valid
+    (h, w) travels with it as a runtime input, so a tile padded to its bucket gets the logits of its
+    unpadded self (the top-left ceil(h/4) x ceil(w/4) of the output) and one compilation still serves
+    the bucket. exact=False: the padded tile is the network's input (the padding changes the logits;
+    for an `apply_fn` without `valid_size`)."""
 
     def __init__(
         self,
@@ -254,6 +265,7 @@ class TiledForward:
         variables: Any,
         batch_size: int = 4,
         compiler_options: dict | None = None,
+        exact: bool = True,
     ):
         import jax
 
@@ -265,10 +277,13 @@ class TiledForward:
         self.variables = variables
         self.compilations = 0
         self.shapes: list[tuple[int, int]] = []
+        self.exact = bool(exact)
 
-        def run(variables, tiles):
+        def run(variables, tiles, valid_sizes):
             self.compilations += 1  # trace time only
             self.shapes.append(tuple(tiles.shape[1:3]))
+            if self.exact:
+                return apply_fn(variables, tiles, valid_size=valid_sizes)
             return apply_fn(variables, tiles)
 
         self._jitted = jax.jit(run)
@@ -278,35 +293,42 @@ class TiledForward:
         self.compiler_options = compiler_options
 
     @classmethod
-    def from_model(cls, model, variables, batch_size: int = 4, compiler_options: dict | None = None) -> TiledForward:
-        return cls(model.apply, variables, batch_size, compiler_options)
+    def from_model(
+        cls, model, variables, batch_size: int = 4, compiler_options: dict | None = None, exact: bool = True
+    ) -> TiledForward:
+        return cls(model.apply, variables, batch_size, compiler_options, exact)
 
-    def _run(self, variables, chunk):
+    def _run(self, variables, chunk, valid_sizes):
         compiled = self._compiled.get(chunk.shape)
         if compiled is None:
-            compiled = self._jitted.lower(variables, chunk).compile(compiler_options=self.compiler_options)
+            lowered = self._jitted.lower(variables, chunk, valid_sizes)
+            compiled = lowered.compile(compiler_options=self.compiler_options)
             self._compiled[chunk.shape] = compiled
-        return compiled(variables, chunk)
+        return compiled(variables, chunk, valid_sizes)
 
-    def _batches(self, tiles: np.ndarray):
+    def _batches(self, tiles: np.ndarray, valid_sizes=None):
         """(network logits of a full batch on the device, how many of its tiles are real), batch by batch."""
         tiles = np.asarray(tiles, np.float32)
         n, b = len(tiles), self.batch_size
+        full = np.tile(np.asarray(tiles.shape[1:3], np.int32), (n, 1))
+        valid_sizes = full if valid_sizes is None else np.asarray(valid_sizes, np.int32).reshape(n, 2)
         for start in range(0, n, b):
-            chunk = tiles[start : start + b]
+            chunk, valid = tiles[start : start + b], valid_sizes[start : start + b]
             if len(chunk) < b:
                 chunk = np.concatenate([chunk, np.zeros((b - len(chunk),) + chunk.shape[1:], np.float32)])
-            yield self._run(self.variables, chunk), min(b, n - start)
+                valid = np.concatenate([valid, np.tile(np.asarray(chunk.shape[1:3], np.int32), (b - len(valid), 1))])
+            yield self._run(self.variables, chunk, valid), min(b, n - start)
 
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
         size = tuple(np.shape(tiles)[1:3])
         outs = [np.asarray(self._upsample(out, size))[:real] for out, real in self._batches(tiles)]
         return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
 
-    def on_device(self, tiles: np.ndarray) -> list:
+    def on_device(self, tiles: np.ndarray, valid_sizes=None) -> list:
         """The network's logits, not upsampled, left on the device: one (H/4, W/4, num_labels) jax.Array
-        per tile."""
-        return [out[i] for out, real in self._batches(tiles) for i in range(real)]
+        per tile. valid_sizes (N, 2): each tile's image part (top left; default: all of it); with
+        `exact`, the logits of tile i are those of that part alone, in their top-left corner."""
+        return [out[i] for out, real in self._batches(tiles, valid_sizes) for i in range(real)]
 
 
 # ------------------------------------------------------------------------------------ planning
@@ -318,6 +340,9 @@ class _Aug:
     tiles: list[np.ndarray]  # padded, normalised
     logits: list[Any]  # per tile: upsampled numpy logits, or the network's on the device
     tile_sizes: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # padded (h, w)
+    # per tile: the part the network sees as the image: the window, or per axis the padded tile
+    # where the window is under MIN_TILE (the network cannot take it unpadded)
+    valid_sizes: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
 
 MIN_TILE = 32  # the network needs >= 32 pixels a side (stage 4 is 1/32 with a spatial reduction of 1)
@@ -347,13 +372,14 @@ def _plan(image: np.ndarray, cfg: InferenceConfig) -> list[_Aug]:
             windows, crop = [(0, size[0], 0, size[1])], None
         else:
             windows, crop = slide_windows(size[0], size[1], cfg.crop, cfg.stride), cfg.crop
-        tiles = []
+        tiles, valid = [], []
         for y1, y2, x1, x2 in windows:
             th, tw = _tile_shape((y2 - y1, x2 - x1), crop, cfg.bucket)
             tile = np.zeros((th, tw, 3), np.float32)
             tile[: y2 - y1, : x2 - x1] = x[y1:y2, x1:x2]
             tiles.append(tile)
-        augs.append(_Aug(size, flip, windows, tiles, [None] * len(windows), [t.shape[:2] for t in tiles]))
+            valid.append(tuple(n if n >= MIN_TILE else p for n, p in ((y2 - y1, th), (x2 - x1, tw))))
+        augs.append(_Aug(size, flip, windows, tiles, [None] * len(windows), [t.shape[:2] for t in tiles], valid))
     return augs
 
 
@@ -434,12 +460,21 @@ def _padded_axis(n_in: int, n_out: int, flip: bool = False):
     )
 
 
-def _tile_axes(logits, tile_size):
-    """Axis vectors upsampling network logits to their tile's size (mmseg `resize` to the input)."""
+def _logits_size(n: int) -> int:
+    """The network's logits size for n input pixels (stage 1: kernel 7, stride 4, padding 3): ceil(n/4)."""
+    return (n - 1) // 4 + 1
+
+
+def _tile_axes(logits, tile_size, valid_size, exact: bool):
+    """Axis vectors upsampling network logits to their tile's size (mmseg `resize` to the input): with
+    `exact`, the tile's valid part's logits to the valid part (the padding takes no part), otherwise
+    the padded tile's logits to the padded tile."""
+    if exact:
+        return tuple(_axis_weights(_logits_size(n), n) for n in valid_size)
     return tuple(_axis_weights(n_in, n_out) for n_in, n_out in zip(logits.shape[:2], tile_size))
 
 
-def _assemble_on_device(augs: list[_Aug], out_size: tuple[int, int], labels: bool) -> np.ndarray:
+def _assemble_on_device(augs: list[_Aug], out_size: tuple[int, int], labels: bool, exact: bool) -> np.ndarray:
     """`_assemble` on the device, from the network's logits: the same steps with torch's bilinear weights
     (equal to the numpy path within float rounding, tested), without moving (H, W, num_labels) arrays
     to the host and resizing them there with numpy's slow gathers."""
@@ -453,10 +488,11 @@ def _assemble_on_device(augs: list[_Aug], out_size: tuple[int, int], labels: boo
         h, w = aug.size
         if len(aug.windows) == 1:
             logits = aug.logits[0]  # network logits of the tile
-            tile_axes = _tile_axes(logits, aug.tile_sizes[0])
+            tile_axes = _tile_axes(logits, aug.tile_sizes[0], aug.valid_sizes[0], exact)
         else:  # sliding windows: averaged on the host
             windows = [
-                np.asarray(programs["tile"](t, *_tile_axes(t, size))) for t, size in zip(aug.logits, aug.tile_sizes)
+                np.asarray(programs["tile"](t, *_tile_axes(t, size, valid, exact)))
+                for t, size, valid in zip(aug.logits, aug.tile_sizes, aug.valid_sizes)
             ]
             logits = jax.device_put(_average_windows(aug, windows))
             tile_axes = (_axis_weights(h, h), _axis_weights(w, w))  # already at the image's resized size
@@ -488,7 +524,7 @@ def segment_batch(
         if image.ndim != 3 or image.shape[-1] != 3:
             raise ValueError(f"images must be (H, W, 3) RGB; got shape {image.shape}")
         plans.append(_plan(image, cfg))
-    groups: dict[tuple[int, ...], list[tuple[_Aug, int]]] = {}
+    groups: dict[tuple[int, ...], list[tuple[_Aug, int]]] = {}  # tiles of one shape go through together
     for augs in plans:
         for aug in augs:
             for k, tile in enumerate(aug.tiles):
@@ -497,7 +533,10 @@ def segment_batch(
     for shape in sorted(groups):
         members = groups[shape]
         stacked = np.stack([aug.tiles[k] for aug, k in members])
-        logits = forward.on_device(stacked) if on_device else forward(stacked)
+        if on_device:
+            logits = forward.on_device(stacked, np.asarray([aug.valid_sizes[k] for aug, k in members], np.int32))
+        else:
+            logits = forward(stacked)
         for (aug, k), out in zip(members, logits):
             aug.logits[k] = out
     for augs in plans:
@@ -505,7 +544,7 @@ def segment_batch(
             aug.tiles = []  # free the inputs
     sizes = [np.asarray(image).shape[:2] for image in images]
     if on_device:
-        return [_assemble_on_device(augs, size, labels) for augs, size in zip(plans, sizes)]
+        return [_assemble_on_device(augs, size, labels, forward.exact) for augs, size in zip(plans, sizes)]
     results = [_assemble(augs, size) for augs, size in zip(plans, sizes)]
     return [np.argmax(r, axis=-1).astype(np.int32) for r in results] if labels else results
 

@@ -117,13 +117,17 @@ class DecodeHead(nn.Module):
     impl='phased' is 'fused' with the pixels in column-phase order (kernels.to_column_phases) from
     the upsampling to the classifier, where every layer is per pixel, and the logits put back in
     natural order: the upsampling then needs no per-element interleave (b0 on CPU: the head's
-    largest kernel). Falls back to natural order when a stage's width does not divide stage 1's."""
+    largest kernel). Falls back to natural order when a stage's width does not divide stage 1's.
+
+    With valid_sizes (each image's size per stage inside a padded batch) the upsampling uses the weights
+    of each image's own sizes (`kernels.resize_bilinear_valid`), in the fused form or, for 'concat',
+    the concat form."""
 
     config: SegformerConfig
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, features: Sequence[jnp.ndarray], *, train: bool = False):
+    def __call__(self, features: Sequence[jnp.ndarray], *, train: bool = False, valid_sizes=None):
         cfg = self.config
         n, d = cfg.num_encoder_blocks, cfg.decoder_hidden_size
         size = features[0].shape[1:3]
@@ -132,13 +136,19 @@ class DecodeHead(nn.Module):
 
         impl = resolve_decode_head_impl(cfg.decode_head_impl, train)
         period = None  # column-phase period the pixels are in between upsampling and logits
+        if valid_sizes is None:
+            upsample = lambda y, i: upsample_bilinear(y, size)
+        else:
+            upsample = lambda y, i: (
+                y if i == 0 else kernels.resize_bilinear_valid(y, size, valid_sizes[i], valid_sizes[0])
+            )
         if impl == "concat" or self.is_initializing():
-            upsampled = [upsample_bilinear(proj(f), size) for proj, f in zip(projections, features)]
+            upsampled = [upsample(proj(f), i) for i, (proj, f) in enumerate(zip(projections, features))]
             x = fuse(jnp.concatenate(upsampled[::-1], axis=-1))
         else:
-            if impl == "phased":
+            if impl == "phased" and valid_sizes is None:
                 period = kernels.column_phase_period([f.shape[2] for f in features], size[1])
-            x = self._fused(features, size, period)
+            x = self._fused(features, size, period, upsample)
 
         x = BatchNorm(dtype=self.dtype, name="batch_norm")(x, train=train)
         x = nn.relu(x)
@@ -148,7 +158,7 @@ class DecodeHead(nn.Module):
         )
         return logits if period is None else kernels.from_column_phases(logits, period)
 
-    def _fused(self, features, size, period: int | None):
+    def _fused(self, features, size, period: int | None, upsample):
         n, d = len(features), self.config.decoder_hidden_size
         params = self.variables["params"]
         fuse_kernel = params["linear_fuse"]["kernel"][0, 0]  # (n*d, d), reversed stage order
@@ -160,6 +170,6 @@ class DecodeHead(nn.Module):
             bias = proj["bias"] @ block
             f, kernel, bias = nn.dtypes.promote_dtype(f, kernel, bias, dtype=self.dtype)
             y = _pixels_matmul(f, kernel) + bias
-            y = upsample_bilinear(y, size) if period is None else kernels.upsample_to_column_phases(y, size, period)
+            y = upsample(y, i) if period is None else kernels.upsample_to_column_phases(y, size, period)
             out = y if out is None else out + y
         return out

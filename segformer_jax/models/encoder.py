@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from segformer_jax.models.config import SegformerConfig
-from segformer_jax.models.layers import Block, LayerNorm, OverlapPatchEmbed
+from segformer_jax.models.layers import Block, LayerNorm, OverlapPatchEmbed, ValidRegion, valid_region, zero_outside
 
 Dtype = Any
 
@@ -25,6 +25,29 @@ def stage_sizes(config: SegformerConfig, height: int, width: int) -> list[tuple[
         width = (width + 2 * p - k) // s + 1
         sizes.append((height, width))
     return sizes
+
+
+def valid_stage_sizes(config: SegformerConfig, valid_size) -> list:
+    """`stage_sizes` of runtime image sizes: valid_size (B, 2) int -> per stage (B, 2) int32."""
+    size = jnp.asarray(valid_size, jnp.int32)
+    sizes = []
+    for k, s in zip(config.patch_sizes, config.strides):
+        size = (size + 2 * (k // 2) - k) // s + 1
+        sizes.append(size)
+    return sizes
+
+
+def check_valid_size(images, valid_size) -> None:
+    if not hasattr(valid_size, "dtype"):
+        valid_size = np.asarray(valid_size)
+    shape = tuple(valid_size.shape)
+    if shape != (images.shape[0], 2):
+        raise ValueError(
+            f"valid_size must be (batch, 2) = (height, width) of each image inside the padded batch, "
+            f"batch {images.shape[0]}; got shape {shape}"
+        )
+    if not jnp.issubdtype(valid_size.dtype, jnp.integer):
+        raise ValueError(f"valid_size must be integers (pixels); got dtype {valid_size.dtype}")
 
 
 def check_images(config: SegformerConfig, images) -> None:
@@ -102,18 +125,22 @@ class MixVisionTransformer(nn.Module):
             **kwargs,
         )
 
-    def stage(self, x, index: int, *, train: bool = False, drop_path_draws=None):
+    def stage(self, x, index: int, *, train: bool = False, drop_path_draws=None, valid_size=None):
         """Stage `index` (0-based) on the previous stage's NHWC output (or the images).
-        drop_path_draws: (depth, 2, batch) uniform numbers for the blocks' drop path (None: drawn per block)."""
+        drop_path_draws: (depth, 2, batch) uniform numbers for the blocks' drop path (None: drawn per block).
+        valid_size: (B, 2) this stage's output size of each image inside a padded batch (None: all of
+        it); the input must be zero outside the image (the previous stage's output is)."""
         x = self.patch_embeddings[index](x)
+        valid = None if valid_size is None else valid_region(valid_size, *x.shape[1:3])
         if (self.config.scan_blocks or self.config.remat_blocks) and not self.is_initializing():
-            x = self._blocks_functional(x, index, train, drop_path_draws)
+            x = self._blocks_functional(x, index, train, drop_path_draws, valid)
         else:
             for j, block in enumerate(self.block[index]):
-                x = block(x, train=train, drop_path_draws=None if drop_path_draws is None else drop_path_draws[j])
-        return self.layer_norm[index](x)
+                draws = None if drop_path_draws is None else drop_path_draws[j]
+                x = block(x, train=train, drop_path_draws=draws, valid=valid)
+        return zero_outside(self.layer_norm[index](x), valid)
 
-    def _blocks_functional(self, x, index: int, train: bool, drop_path_draws=None):
+    def _blocks_functional(self, x, index: int, train: bool, drop_path_draws=None, valid: ValidRegion | None = None):
         """The blocks of stage `index` as pure functions of their parameters, so that they can be
         scanned (one compiled block per stage) and/or rematerialised. Same parameters, same function
         as the module path, and the same drop-path masks (the encoder's draws); the keys of the other
@@ -128,9 +155,11 @@ class MixVisionTransformer(nn.Module):
 
         def block(x, block_params, rate, key, draws):
             if not random:  # drop path is the identity: keep its rate static (rate may be traced here)
-                return self._make_block(index, 0.0, unbound=True).apply({"params": block_params}, x, train=train)
+                return self._make_block(index, 0.0, unbound=True).apply(
+                    {"params": block_params}, x, train=train, valid=valid
+                )
             return self._make_block(index, rate, unbound=True).apply(
-                {"params": block_params}, x, train=train, drop_path_draws=draws, rngs={"dropout": key}
+                {"params": block_params}, x, train=train, drop_path_draws=draws, rngs={"dropout": key}, valid=valid
             )
 
         if cfg.remat_blocks:
@@ -150,8 +179,15 @@ class MixVisionTransformer(nn.Module):
         x, _ = jax.lax.scan(lambda carry, inputs: (block(carry, *inputs), None), x, xs)
         return x
 
-    def __call__(self, x, *, train: bool = False) -> tuple[jnp.ndarray, ...]:
+    def __call__(self, x, *, train: bool = False, valid_size=None) -> tuple[jnp.ndarray, ...]:
+        """valid_size: (B, 2) int, the (height, width) of each image inside a padded batch (it sits at
+        the top left). Each image then gets the features of its own unpadded size, zero outside them:
+        one compilation serves every size inside the padding. None: the whole input is the image."""
         cfg = self.config
+        sizes = [None] * cfg.num_encoder_blocks
+        if valid_size is not None:
+            sizes = valid_stage_sizes(cfg, valid_size)
+            x = zero_outside(x, valid_region(jnp.asarray(valid_size, jnp.int32), *x.shape[1:3]))
         draws = [None] * cfg.num_encoder_blocks
         if train and max(cfg.drop_path_rates, default=0.0) > 0 and not self.is_initializing():
             # One draw for every block's drop path (HF: torch.rand per call); split per stage.
@@ -160,6 +196,6 @@ class MixVisionTransformer(nn.Module):
             draws = [every[offsets[i] : offsets[i + 1]] for i in range(cfg.num_encoder_blocks)]
         features = []
         for i in range(cfg.num_encoder_blocks):
-            x = self.stage(x, i, train=train, drop_path_draws=draws[i])
+            x = self.stage(x, i, train=train, drop_path_draws=draws[i], valid_size=sizes[i])
             features.append(x)
         return tuple(features)

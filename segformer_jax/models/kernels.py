@@ -133,10 +133,13 @@ def _heads_first(x):
     return jnp.swapaxes(x, 1, 2)
 
 
-def _attention_parts(q, k, v, probs_fn=None):
-    """Heads-first q, k, v -> heads-first output and the probabilities (B, heads, N, M)."""
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q, _over_sqrt_head_dim(k))
-    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+def _attention_parts(q, k, v, probs_fn=None, key_mask=None):
+    """Heads-first q, k, v -> heads-first output and the probabilities (B, heads, N, M). key_mask:
+    (B, M) bool, False for keys that take no part (the padding of a padded image)."""
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, _over_sqrt_head_dim(k)).astype(jnp.float32)
+    if key_mask is not None:
+        scores = jnp.where(key_mask[:, None, None, :], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     if probs_fn is not None:
         probs = probs_fn(probs)
     return jnp.einsum("bhqk,bhkd->bhqd", probs, v), probs
@@ -188,10 +191,25 @@ def _attention_bwd(res, g):
 attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def attention_reference(q, k, v, probs_fn=None):
+def attention_reference(q, k, v, probs_fn=None, key_mask=None):
     """The same function differentiated by autodiff (tests compare the two). `probs_fn` is applied to
-    the (B, heads, N, M) probabilities before they weight the values (attention dropout in training)."""
-    return _heads_first(_attention_parts(_heads_first(q), _heads_first(k), _heads_first(v), probs_fn)[0])
+    the (B, heads, N, M) probabilities before they weight the values (attention dropout in training).
+    key_mask (B, M) bool: attend only to the keys marked True (every row needs one)."""
+    parts = _attention_parts(_heads_first(q), _heads_first(k), _heads_first(v), probs_fn, key_mask)
+    return _heads_first(parts[0])
+
+
+def attention_masked(q, k, v, key_mask):
+    """`attention` over the keys marked True in key_mask (B, M): the attention of a padded image
+    restricted to the keys its unpadded self has. Run one image at a time where `attention` would."""
+    b, n, heads = q.shape[:3]
+    m = k.shape[1]
+    if b > 1 and heads * n * m >= _PER_IMAGE_ATTENTION_SIZE and jax.default_backend() == "cpu":
+        return jax.lax.map(
+            lambda args: attention_reference(*(a[None] for a in args[:3]), key_mask=args[3][None])[0],
+            (q, k, v, key_mask),
+        )
+    return attention_reference(q, k, v, key_mask=key_mask)
 
 
 # ----------------------------------------------------------------------------- depthwise conv
@@ -475,6 +493,35 @@ def resize_bilinear(x, size):
     if size[0] * x.shape[2] <= x.shape[1] * size[1]:
         return _resize_axis(_resize_axis(x, 1, size[0]), 2, size[1])
     return _resize_axis(_resize_axis(x, 2, size[1]), 1, size[0])
+
+
+def _valid_taps(n_out: int, in_valid, out_valid):
+    """torch's bilinear taps (align_corners=False, no antialias) from the first `in_valid` of an axis to
+    the first `out_valid` of `n_out` outputs, per image: in_valid, out_valid (B,) int. Computed in
+    float32 like torch's CPU kernel. Outputs past out_valid read clamped taps (finite, unused)."""
+    scale = in_valid.astype(jnp.float32) / out_valid.astype(jnp.float32)
+    dst = jnp.arange(n_out, dtype=jnp.float32)
+    src = jnp.maximum(scale[:, None] * (dst + jnp.float32(0.5)) - jnp.float32(0.5), jnp.float32(0.0))
+    last = (in_valid - 1)[:, None]
+    i0 = jnp.minimum(src.astype(jnp.int32), last)
+    i1 = jnp.minimum(i0 + 1, last)
+    w1 = src - i0.astype(jnp.float32)
+    return i0, i1, 1.0 - w1, w1
+
+
+def resize_bilinear_valid(x, size, in_valid, out_valid):
+    """Bilinear resize (torch `interpolate(mode='bilinear', align_corners=False)`) of each image's valid
+    top-left region: x (B, H, W, C) holds images of in_valid (B, 2) = (h, w) pixels padded to H x W; the
+    result (B, *size, C) holds them resized to out_valid (B, 2), with the weights of those sizes, as if
+    the unpadded image had been resized. Both sizes are runtime values: one compilation serves every
+    size inside the padding. 2-tap gathers per axis."""
+    dt = x.dtype
+    i0, i1, a, b = _valid_taps(size[0], in_valid[:, 0], out_valid[:, 0])
+    rows = lambda i: jnp.take_along_axis(x, i[:, :, None, None], axis=1)
+    x = rows(i0) * a[:, :, None, None].astype(dt) + rows(i1) * b[:, :, None, None].astype(dt)
+    j0, j1, c, d = _valid_taps(size[1], in_valid[:, 1], out_valid[:, 1])
+    cols = lambda j: jnp.take_along_axis(x, j[:, None, :, None], axis=2)
+    return cols(j0) * c[:, None, :, None].astype(dt) + cols(j1) * d[:, None, :, None].astype(dt)
 
 
 # ----------------------------------------------------------------------------- loss

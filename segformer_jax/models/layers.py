@@ -8,7 +8,7 @@ Flax path reads like the HF key: `block_0_1/attention/self/query/kernel` is
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -47,6 +47,27 @@ def torch_padding(kernel_size: int):
     """Torch `Conv2d(padding=k//2)`: symmetric, unlike XLA's 'SAME' for even strides."""
     p = kernel_size // 2
     return ((p, p), (p, p))
+
+
+class ValidRegion(NamedTuple):
+    """The top-left part of a padded (B, H, W, C) map that the unpadded image's own map has.
+
+    Images of different sizes padded to one shape share a compilation; to compute what each would
+    give unpadded, every layer that mixes positions must ignore the rest: convs read zeros there
+    (as torch's zero padding at the unpadded border), attention does not attend to it."""
+
+    size: Any  # (B, 2) int32: valid rows, columns per image (runtime values)
+    mask: Any  # (B, H, W, 1) bool
+
+
+def valid_region(size, height: int, width: int) -> ValidRegion:
+    rows = jnp.arange(height)[None, :] < size[:, :1]
+    cols = jnp.arange(width)[None, :] < size[:, 1:]
+    return ValidRegion(size, (rows[:, :, None] & cols[:, None, :])[..., None])
+
+
+def zero_outside(x, valid: ValidRegion | None):
+    return x if valid is None else jnp.where(valid.mask, x, jnp.zeros((), x.dtype))
 
 
 class LayerNorm(nn.Module):
@@ -100,7 +121,8 @@ class EfficientSelfAttention(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False):
+    def __call__(self, x, *, train: bool = False, valid: ValidRegion | None = None):
+        """valid: the region of a padded map that is the image; keys outside it are not attended to."""
         b, h, w, c = x.shape
         head_dim = c // self.num_heads
         dense = lambda name: Dense(c, dtype=self.dtype, kernel_init=dense_init(self.initializer_range), name=name)
@@ -120,10 +142,18 @@ class EfficientSelfAttention(nn.Module):
         kv = x.reshape(b, -1, c)
         k = dense("key")(kv).reshape(b, -1, self.num_heads, head_dim)
         v = dense("value")(kv).reshape(b, -1, self.num_heads, head_dim)
+        key_mask = None
+        if valid is not None:
+            # The VALID reduction conv's output j covers rows j*sr .. j*sr+sr-1: it is the unpadded
+            # map's own key where those rows are all inside the image, i.e. for j < h_valid // sr.
+            keys = valid if self.sr_ratio == 1 else valid_region(valid.size // self.sr_ratio, *x.shape[1:3])
+            key_mask = keys.mask.reshape(b, -1)
 
         if train and self.attention_dropout > 0:  # dropout on the probabilities: plain autodiff form
             dropout = nn.Dropout(self.attention_dropout, deterministic=False)
-            out = kernels.attention_reference(q, k, v, probs_fn=dropout)
+            out = kernels.attention_reference(q, k, v, probs_fn=dropout, key_mask=key_mask)
+        elif key_mask is not None:
+            out = kernels.attention_masked(q, k, v, key_mask)
         else:
             out = kernels.attention(q, k, v)
         return out.reshape(b, h, w, c)
@@ -156,7 +186,7 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False):
+    def __call__(self, x, *, train: bool = False, valid: ValidRegion | None = None):
         x = EfficientSelfAttention(
             self.hidden_size,
             self.num_heads,
@@ -166,7 +196,7 @@ class Attention(nn.Module):
             self.initializer_range,
             self.dtype,
             name="self",
-        )(x, train=train)
+        )(x, train=train, valid=valid)
         return SelfOutput(self.hidden_size, self.hidden_dropout, self.initializer_range, self.dtype, name="output")(
             x, train=train
         )
@@ -210,10 +240,11 @@ class MixFFN(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False):
+    def __call__(self, x, *, train: bool = False, valid: ValidRegion | None = None):
         hidden = self.hidden_size * self.mlp_ratio
         drop = nn.Dropout(self.hidden_dropout, deterministic=not train)
         x = Dense(hidden, dtype=self.dtype, kernel_init=dense_init(self.initializer_range), name="dense1")(x)
+        x = zero_outside(x, valid)  # the 3x3 conv reads zeros past the image's border, as torch's padding
         half = DWConv(hidden, self.depthwise_conv_impl, self.dtype, name="dwconv")(x, output_scale=0.5)
         x = drop(gelu_of_half(half))
         x = Dense(self.hidden_size, dtype=self.dtype, kernel_init=dense_init(self.initializer_range), name="dense2")(x)
@@ -286,8 +317,9 @@ class Block(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False, drop_path_draws=None):
-        """drop_path_draws: (2, batch) uniform numbers for the two residual branches' drop path, or None."""
+    def __call__(self, x, *, train: bool = False, drop_path_draws=None, valid: ValidRegion | None = None):
+        """drop_path_draws: (2, batch) uniform numbers for the two residual branches' drop path, or None.
+        valid: the image's region of a padded map (None: all of it)."""
         draws = (None, None) if drop_path_draws is None else (drop_path_draws[0], drop_path_draws[1])
         drop_path = DropPath(self.drop_path)
         y = LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="layer_norm_1")(x)
@@ -301,7 +333,7 @@ class Block(nn.Module):
             self.initializer_range,
             self.dtype,
             name="attention",
-        )(y, train=train)
+        )(y, train=train, valid=valid)
         x = x + drop_path(y, train=train, draw=draws[0])
         y = LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="layer_norm_2")(x)
         y = MixFFN(
@@ -312,5 +344,5 @@ class Block(nn.Module):
             self.depthwise_conv_impl,
             self.dtype,
             name="mlp",
-        )(y, train=train)
+        )(y, train=train, valid=valid)
         return x + drop_path(y, train=train, draw=draws[1])

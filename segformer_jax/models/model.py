@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from segformer_jax.models.config import SegformerConfig
 from segformer_jax.models.decode_head import DecodeHead
-from segformer_jax.models.encoder import MixVisionTransformer, check_images
+from segformer_jax.models.encoder import MixVisionTransformer, check_images, check_valid_size, valid_stage_sizes
 from segformer_jax.models.layers import dense_init
 
 Dtype = Any
@@ -23,9 +23,13 @@ class SegformerModel(nn.Module):
     dtype: Dtype = jnp.float32  # computation dtype; parameters stay float32
 
     @nn.compact
-    def __call__(self, images, *, train: bool = False):
+    def __call__(self, images, *, train: bool = False, valid_size=None):
+        """valid_size: see SegformerForSemanticSegmentation."""
         check_images(self.config, images)
-        return MixVisionTransformer(self.config, self.dtype, name="encoder")(images.astype(self.dtype), train=train)
+        if valid_size is not None:
+            check_valid_size(images, valid_size)
+        encoder = MixVisionTransformer(self.config, self.dtype, name="encoder")
+        return encoder(images.astype(self.dtype), train=train, valid_size=valid_size)
 
 
 class SegformerForSemanticSegmentation(nn.Module):
@@ -35,9 +39,16 @@ class SegformerForSemanticSegmentation(nn.Module):
     dtype: Dtype = jnp.float32  # computation dtype; parameters stay float32
 
     @nn.compact
-    def __call__(self, images, *, train: bool = False, output_hidden_states: bool = False):
-        features = SegformerModel(self.config, self.dtype, name="segformer")(images, train=train)
-        logits = DecodeHead(self.config, self.dtype, name="decode_head")(features, train=train)
+    def __call__(self, images, *, train: bool = False, output_hidden_states: bool = False, valid_size=None):
+        """valid_size: optional (B, 2) int array, the (height, width) of each image inside a batch padded
+        at the bottom / right (a runtime value: one compilation serves every size inside the padding).
+        Each image's logits are then those of its unpadded self, `apply(variables, image[:h, :w])`, in
+        the top-left (ceil(h/4), ceil(w/4)) of the output; elsewhere they are unspecified. Without it,
+        zero padding changes every logit (attention is global, the convs and upsampling see the
+        padding)."""
+        features = SegformerModel(self.config, self.dtype, name="segformer")(images, train=train, valid_size=valid_size)
+        stage_valid = None if valid_size is None else valid_stage_sizes(self.config, valid_size)
+        logits = DecodeHead(self.config, self.dtype, name="decode_head")(features, train=train, valid_sizes=stage_valid)
         logits = logits.astype(jnp.float32)
         return (logits, features) if output_hidden_states else logits
 
