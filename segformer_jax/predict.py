@@ -330,7 +330,12 @@ def _parser() -> argparse.ArgumentParser:
         "--flip x.jpg",
     )
     p.add_argument("inputs", nargs="+", help="image files, folders, or glob patterns (quote them)")
-    p.add_argument("--model", required=True, help="model directory (Hugging Face, save_pretrained, or int8 quantized)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="model directory (Hugging Face, save_pretrained, or int8 quantized) or a Hugging Face Hub id "
+        "(nvidia/segformer-b0-finetuned-ade-512-512; a local path of that name wins)",
+    )
     p.add_argument("--output", "-o", required=True, help="output folder (created if needed)")
     p.add_argument(
         "--mode",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -73,6 +74,133 @@ def init_variables(model, rng: int | jax.Array = 0, image_shape: tuple[int, int]
 def variable_shapes(model) -> dict[str, Any]:
     images = jax.ShapeDtypeStruct((1, _INIT_SIZE, _INIT_SIZE, model.config.num_channels), jnp.float32)
     return jax.eval_shape(model.init, jax.random.key(0), images)
+
+
+# ------------------------------------------------------------------------------------ Hugging Face Hub
+class HubError(FileNotFoundError):
+    """A Hub id that could not be resolved to a local snapshot (not found, gated, offline and not cached)."""
+
+
+# What from_pretrained reads from a Hub repo: config.json, then the safetensors weights, and
+# pytorch_model.bin only when the repo has no safetensors (never both, never the rest of the repo).
+HUB_CONFIG_PATTERNS = [CONFIG_NAME]
+HUB_SAFETENSORS_PATTERNS = ["model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"]
+HUB_TORCH_PATTERNS = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def looks_like_hub_id(source: str) -> bool:
+    """'org/name' or 'name' (not an existing path, no path syntax, no weights-file extension)."""
+    return (
+        bool(_REPO_ID.match(source))
+        and ".." not in source
+        and not source.endswith((".safetensors", ".bin", ".pth", ".pt", ".json", ".ckpt"))
+    )
+
+
+def _hub_offline(local_files_only: bool) -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return local_files_only or constants.HF_HUB_OFFLINE or flag.strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def resolve_source(
+    source: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+) -> str:
+    """A local path (always wins) or a Hugging Face Hub id -> a local directory / file.
+
+    Ids go through huggingface_hub.snapshot_download into the standard HF cache (or cache_dir):
+    config.json first (refused unless it describes a SegFormer), then model.safetensors (or its
+    shards), then pytorch_model.bin only if the repo has no safetensors. Offline
+    (local_files_only=True or HF_HUB_OFFLINE=1) only the cache is read."""
+    source = os.fspath(source)
+    if os.path.exists(source):
+        return source
+    if not looks_like_hub_id(source):
+        raise FileNotFoundError(
+            f"{source} does not exist: give a Hugging Face model directory (config.json + "
+            "model.safetensors / pytorch_model.bin), one written by save_pretrained, or a Hub id such as "
+            "nvidia/segformer-b0-finetuned-ade-512-512"
+        )
+    try:
+        import huggingface_hub
+        from huggingface_hub import constants, errors
+    except ImportError:
+        raise ImportError(
+            f"{source} is not a local path, and loading Hub ids needs huggingface_hub: pip install huggingface_hub "
+            "(a core dependency of segformer-jax; reinstall it with pip install -e .)"
+        ) from None
+    offline = _hub_offline(local_files_only)
+    searched = os.path.abspath(os.fspath(cache_dir or os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE))
+    where = f"{source}" + (f" (revision {revision})" if revision else "")
+
+    def download(patterns):
+        return huggingface_hub.snapshot_download(
+            source,
+            revision=revision,
+            cache_dir=searched,
+            token=token,
+            local_files_only=offline,
+            allow_patterns=patterns,
+        )
+
+    try:
+        if offline:  # one look-up: the cached snapshot, whatever it holds
+            snapshot = download(HUB_CONFIG_PATTERNS + HUB_SAFETENSORS_PATTERNS + HUB_TORCH_PATTERNS)
+        else:
+            snapshot = download(HUB_CONFIG_PATTERNS)
+    except errors.GatedRepoError:
+        raise HubError(
+            f"{where} is a gated repository: accept its terms on https://huggingface.co/{source} and pass "
+            "token=... (or set HF_TOKEN / run `hf auth login`)"
+        ) from None
+    except errors.RepositoryNotFoundError:
+        raise HubError(
+            f"{where}: no such model on the Hugging Face Hub (or it is private: pass token=... / set HF_TOKEN), "
+            f"and no local path {os.path.abspath(source)} exists"
+        ) from None
+    except errors.RevisionNotFoundError:
+        raise HubError(f"{source}: the Hub repository has no revision {revision!r}") from None
+    except errors.LocalEntryNotFoundError as e:
+        reason = (
+            "offline (" + ("local_files_only=True" if local_files_only else "HF_HUB_OFFLINE=1") + ")"
+            if offline
+            else "the Hub could not be reached"
+        )
+        raise HubError(
+            f"{where} is not a local path and is not in the Hugging Face cache {searched} ({reason}); "
+            f"download it once with network access (e.g. hf download {source} config.json model.safetensors"
+            + (f" --cache-dir {searched}" if cache_dir else "")
+            + "), or pass cache_dir= / set HF_HUB_CACHE to the cache that holds it"
+            + (f" [{e}]" if type(e).__name__ == "IncompleteSnapshotError" else "")
+        ) from None
+    except errors.HFValidationError as e:
+        raise FileNotFoundError(f"{source} is neither a local path nor a valid Hub id ({e})") from None
+
+    config_path = os.path.join(snapshot, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise ConfigError(f"{where} (Hub snapshot {snapshot}) has no {CONFIG_NAME}: it is not a SegFormer model")
+    try:
+        with open(config_path) as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ConfigError(f"{config_path} is not a readable config.json ({e})") from None
+    if model_type != "segformer":
+        raise ConfigError(
+            f"{where} is not a SegFormer: its config.json says model_type {model_type!r} (expected 'segformer')"
+        )
+    if offline:
+        return snapshot
+    snapshot = download(HUB_SAFETENSORS_PATTERNS)
+    if not any(n.endswith(".safetensors") for n in os.listdir(snapshot)):
+        snapshot = download(HUB_TORCH_PATTERNS)
+    return snapshot
 
 
 def _read_source(path: str, config: SegformerConfig | None):
@@ -143,9 +271,13 @@ def from_pretrained(
     dtype: Any = jnp.float32,
     seed: int = 0,
     source_format: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
     **config_overrides,
 ):
-    """Load a SegFormer from a Hugging Face directory (config.json + model.safetensors or
+    """Load a SegFormer from a Hugging Face Hub id or directory (config.json + model.safetensors or
     pytorch_model.bin, hub or transformers-5 names), a directory saved by `save_pretrained`, or a
     bare weights file with `config=`. Returns (model, variables).
 
@@ -156,16 +288,14 @@ def from_pretrained(
     reinit: regexes on Flax paths ('params/decode_head/...') to re-initialise instead of loading.
     config: use this architecture instead of the directory's config.json (required for bare files).
     source_format: 'hf' or a registered format such as NVlabs originals; detected when None.
+    revision / cache_dir / token / local_files_only: for a Hugging Face Hub id given as `path`
+        ('nvidia/segformer-b0-finetuned-ade-512-512'; a local path of that name wins), read through
+        huggingface_hub's cache (HF_HUB_OFFLINE=1 reads only the cache); see `resolve_source`.
     config_overrides: other SegformerConfig fields, e.g. drop_path_rate=0.1, layer_norm_eps=1e-6.
     """
     from weights_convert.convert import torch_state_to_flax
 
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{path} does not exist: give a Hugging Face model directory (config.json + "
-            "model.safetensors / pytorch_model.bin) or one written by save_pretrained"
-        )
+    path = resolve_source(path, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
     source_config, source_arch, state = _read_source(path, config)
 
     changes = dict(config_overrides)

@@ -1,6 +1,6 @@
 """Command line: convert SegFormer checkpoints between PyTorch / Hugging Face and Flax.
 
-python -m weights_convert to-flax  HF_DIR_OR_FILE  OUT_DIR   # -> config.json + Orbax variables
+python -m weights_convert to-flax  HF_DIR_OR_FILE_OR_HUB_ID  OUT_DIR   # -> config.json + Orbax variables
 python -m weights_convert to-hf    FLAX_DIR        OUT_DIR   # -> config.json + model.safetensors
 """
 
@@ -19,6 +19,7 @@ def _parser() -> argparse.ArgumentParser:
         "missing/unused/mis-shaped keys are listed and nothing is written.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
+        "  python -m weights_convert to-flax nvidia/segformer-b0-finetuned-ade-512-512 ./b0-flax   # Hub id\n"
         "  python -m weights_convert to-flax ./segformer-b0-finetuned-ade-512-512 ./b0-flax\n"
         "  python -m weights_convert to-flax ./mit-b2 ./b2-cityscapes-init --num-labels 19\n"
         "  python -m weights_convert to-flax mit_b0.pth ./b0 --preset b0 --format nvlabs\n"
@@ -28,7 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     to_flax = sub.add_parser("to-flax", help="PyTorch/HF (dir, .safetensors, .bin, .pth) -> Flax directory")
-    to_flax.add_argument("source", help="HF model directory, or a weights file (then give --preset or --config)")
+    to_flax.add_argument(
+        "source",
+        help="HF model directory, a Hugging Face Hub id (a local path of that name wins; HF_HUB_OFFLINE=1 reads "
+        "only the cache), or a weights file (then give --preset or --config)",
+    )
     to_flax.add_argument("out_dir", help="output directory (must not exist unless --overwrite)")
     to_flax.add_argument("--format", default="auto", help="source key layout: auto (default), hf, nvlabs")
     to_flax.add_argument(
@@ -54,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
         help="re-initialise Flax variables matching REGEX instead of loading (repeatable)",
     )
     to_flax.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
+    to_flax.add_argument("--revision", default=None, help="Hub id only: branch, tag or commit (default: main)")
+    to_flax.add_argument(
+        "--cache-dir", default=None, help="Hub id only: the Hugging Face cache (default: HF_HUB_CACHE / ~/.cache)"
+    )
 
     to_hf = sub.add_parser("to-hf", help="Flax (or HF) directory -> HF directory transformers can load")
     to_hf.add_argument("source", help="directory written by save_pretrained / to-flax (or any from_pretrained source)")
@@ -115,6 +124,8 @@ def main(argv=None) -> int:
                 config=config,
                 reinit=args.reinit,
                 source_format=None if args.format == "auto" else args.format,
+                revision=args.revision,
+                cache_dir=args.cache_dir,
                 **overrides,
             )
             out = segformer_jax.save_pretrained(model, variables, args.out_dir, format="flax", overwrite=args.overwrite)
