@@ -5,9 +5,15 @@
     python -m segformer_jax.evaluate --config configs/ade20k.py:b2 --checkpoint runs/ade_b2
 
 Rerunning the same command resumes from the latest checkpoint in --workdir.
+
+SIGTERM / SIGINT (a preemption, Ctrl-C): the current step finishes, its checkpoint is written and the
+exit code is 75; rerun the same command to resume. A second Ctrl-C aborts at once (130). Errors: 1.
+(segformer_jax/training/preemption.py, README "Preemption".)
 """
 
 import os
+import shlex
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -43,7 +49,14 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     enable_compilation_cache(_CACHE.value)
     training.maybe_initialize_distributed(_CONFIG.value)
-    training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        result = training.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except training.TrainingError as e:
+        print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    if result.get("preempted"):
+        print(f"To resume: python {shlex.join(sys.argv)}", flush=True)
+        sys.exit(training.EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

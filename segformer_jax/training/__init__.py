@@ -5,11 +5,12 @@
     checkpoints.py  Orbax checkpoints: keep-last-K + best, resume checks, restore anywhere
     logs.py         metrics.jsonl and TensorBoard
     loop.py         train_and_evaluate(config, workdir): the loop train.py runs
+    preemption.py   SIGTERM / SIGINT: stop at the same step on every host, checkpoint, exit codes
     optim.py        AdamW with the paper's schedule (warmup + poly), head lr x10, clipping, accumulation
     losses.py       the segmentation loss (logits upsampled to the labels, ignore index 255)
     recipes.py      the shared pieces of configs/*.py
 
-May import: models, data, evaluation, inference (eval settings, pictures), pretrained, xla_options.
+May import: models, data, evaluation, inference (eval settings, pictures), pretrained, fileio, xla_options.
 Never imported by models, data, inference or pretrained.
 
 The names below are the documented API (`from segformer_jax import training; training.build_training`).
@@ -27,6 +28,7 @@ from segformer_jax.training.checkpoints import (
 )
 from segformer_jax.training.logs import MetricWriter
 from segformer_jax.training.loop import read_config, train_and_evaluate
+from segformer_jax.training.preemption import EXIT_ABORTED, EXIT_PREEMPTED
 from segformer_jax.training.state import (
     TrainingError,
     TrainState,
@@ -59,6 +61,8 @@ __all__ = [
     "restore_state_here",
     "save_checkpoint",
     "MetricWriter",
+    "EXIT_ABORTED",
+    "EXIT_PREEMPTED",
     "read_config",
     "train_and_evaluate",
     "TrainingError",

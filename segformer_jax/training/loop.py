@@ -6,6 +6,12 @@ checkpoint), evaluates, logs and exports `workdir/final`.
 
 The data stream is resumed at `start_step`, so with the step's rng folding (steps.py) a resumed run
 computes what an uninterrupted one would.
+
+SIGTERM / SIGINT (preemption.py): the current step finishes, a checkpoint of it is written (waiting for
+async saves in flight), and the result carries 'preempted' (train.py exits with EXIT_PREEMPTED). A
+signal before the first step of this run finishes writes nothing (the latest checkpoint stays the one
+to resume from). On a single host an evaluation in progress is abandoned; the rerun evaluates that step
+first.
 """
 
 from __future__ import annotations
@@ -14,22 +20,26 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable
 
 import jax
 import ml_collections
 import numpy as np
 
+from segformer_jax import fileio
 from segformer_jax.evaluation import metrics
 from segformer_jax.training import losses
 from segformer_jax.training.checkpoints import (
     CHECKPOINT_DIR,
     FINAL_DIR,
+    check_writable,
     checkpoint_meta,
-    make_checkpoint_manager,
-    restore_checkpoint,
+    restore_latest_good,
     save_checkpoint,
+    write_error,
 )
 from segformer_jax.training.logs import MetricWriter
+from segformer_jax.training.preemption import StopRequest
 from segformer_jax.training.state import TrainingError, build_model, shard_batch, to_host
 from segformer_jax.training.steps import build_training, evaluate, make_eval_step
 
@@ -55,8 +65,29 @@ def _validate(config) -> None:
 
 
 def _write_config(config, workdir: str) -> None:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2) + "\n")
+    fileio.atomic_write_bytes(
+        (config.to_json_best_effort(indent=2) + "\n").encode(), os.path.join(workdir, "config.json")
+    )
+
+
+class _EvalInterrupted(Exception):
+    """A stop signal arrived during an evaluation (single host)."""
+
+
+class _StoppableBatches:
+    """The eval batches, ending the evaluation early (by raising) once a stop signal has arrived."""
+
+    def __init__(self, batches: Iterable, stop: StopRequest):
+        self._batches, self._stop = batches, stop
+
+    def __len__(self):
+        return len(self._batches)
+
+    def __iter__(self):
+        for batch in self._batches:
+            if self._stop.requested_here:
+                raise _EvalInterrupted
+            yield batch
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -118,9 +149,7 @@ def _eval_and_log(
     seconds = time.time() - t0
     if not log:
         return results
-    writer.scalars(
-        step, "eval", {"mIoU": results["mIoU"], "mAcc": results["mAcc"], "aAcc": results["aAcc"], "seconds": seconds}
-    )
+    writer.scalars(step, "eval", {**{k: results[k] for k in metrics.SUMMARY_METRICS}, "seconds": seconds})
     if jax.process_index() == 0:
         os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
         metrics.save_json({"step": step, **results}, os.path.join(workdir, "eval", f"eval_{step}.json"))
@@ -137,17 +166,34 @@ def _eval_and_log(
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (resuming from the latest checkpoint in `workdir` if any), evaluates every
     `eval.every_steps` and at the end, exports `workdir/final`. Returns the final eval results
-    (per-class table included) plus 'step'."""
-    from segformer_jax.data import input_pipeline
-
+    (per-class table included) plus 'step'; stopped by SIGTERM / SIGINT, {'step', 'preempted': signal name}
+    with the checkpoint of that step written."""
     _validate(config)
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    check_writable(workdir)
+    with StopRequest() as stop:
+        return _train_and_evaluate(config, workdir, stop)
+
+
+def _train_and_evaluate(config, workdir: str, stop: StopRequest) -> dict:
+    from segformer_jax.data import input_pipeline
+
     is_main = jax.process_index() == 0
 
     data_config = config.data
+    binary = bool(config.model.get("binary", False))
+    if binary and data_config.get("name") == "folder" and data_config.get("folder"):
+        from segformer_jax.data import folder as folder_lib
+
+        folder_lib.check_binary_masks(data_config.folder, field="model.binary")
     info = input_pipeline.get_dataset_info(data_config)
-    model, pretrained = build_model(config, info.class_names)
+    if binary and info.num_classes != 2:
+        raise TrainingError(
+            f"model.binary=True (one sigmoid logit) needs a dataset of 2 classes (0 background, 1 foreground, "
+            f"255 ignore); {info.name} has {info.num_classes} ({', '.join(map(str, info.class_names[:8]))})"
+        )
+    # A binary model's one channel is the foreground; it is evaluated on both classes.
+    model, pretrained = build_model(config, info.class_names[1:] if binary else info.class_names)
     ignore_index = int(info.ignore_index)
 
     accum = max(int(config.optimizer.grad_accum_steps), 1)
@@ -156,11 +202,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     replicated, batch_sharding, abstract_state = setup.replicated, setup.batch_sharding, setup.abstract_state
     train_rng = setup.train_rng
 
-    manager = make_checkpoint_manager(os.path.join(workdir, CHECKPOINT_DIR), config)
     meta = checkpoint_meta(model, config)
-    latest = manager.latest_step()
-    if latest is not None:
-        state = restore_checkpoint(manager, latest, abstract_state, meta, workdir)
+    manager, state = restore_latest_good(config, abstract_state, meta, workdir)
+    if state is not None:
+        latest = int(to_host(state.step))
         logger.info("resumed from %s/%s/%d", workdir, CHECKPOINT_DIR, latest)
         if is_main:
             print(f"Resuming from checkpoint at step {latest} in {workdir}", flush=True)
@@ -187,6 +232,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
+    if jax.process_count() == 1:  # several hosts evaluate to the end (they must agree on the batches)
+        eval_iter = _StoppableBatches(eval_iter, stop)
     writer = MetricWriter(workdir, is_main)
     global_batch = int(config.batch_size)
     stop_at = total_steps
@@ -213,60 +260,157 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt_every = int(config.checkpoint.every_steps) * accum if config.checkpoint.every_steps else 0
     log_every = max(int(config.log_every_steps), 1)
     results = None
+    saved = [start_step] if start_step else []  # committed (or in flight) checkpoint steps
+    writing = "the logs"
+
+    def save(step_done, **kw):
+        nonlocal writing
+        writing = f"the checkpoint of step {step_done // accum}"
+        save_checkpoint(manager, state, kw.pop("meta", meta), **kw)
+        saved.append(step_done)
+
+    def eval_due(step_done):
+        return (eval_every and step_done % eval_every == 0) or step_done == total_steps
+
+    def eval_and_save(step_done):
+        """-> the eval results, or None when a stop signal ended the evaluation (state saved without them)."""
+        try:
+            res = _eval_and_log(
+                step_done,
+                model,
+                state,
+                eval_iter,
+                eval_step,
+                info,
+                config,
+                workdir,
+                writer,
+                batch_sharding,
+                data_config,
+            )
+        except _EvalInterrupted:
+            if step_done not in saved:
+                save(step_done)
+            return None
+        if bar is not None:
+            bar.write(f"step {step_done}: mIoU {res['mIoU']:.4f}  mAcc {res['mAcc']:.4f}  aAcc {res['aAcc']:.4f}")
+        if step_done not in saved:
+            save(
+                step_done,
+                meta={**meta, "mIoU": res["mIoU"]},
+                metrics_for_best={"mIoU": float(np.nan_to_num(res["mIoU"], nan=-1.0))},
+            )
+        return res
+
     window_start, window_steps = time.time(), 0
     pending = []
-    for step in range(start_step, stop_at):
-        batch = next(train_iter)
-        batch = shard_batch({"image": batch["image"], "label": batch["label"]}, batch_sharding)
-        state, step_metrics = train_step(state, batch, train_rng)
-        pending.append(step_metrics)
-        window_steps += 1
-        done = step + 1
-        if done % log_every == 0 or done == stop_at:
-            # One host sync per log interval: average the interval's metrics.
-            host = to_host(pending)
-            pending = []
-            avg = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-            avg["lr"], avg["lr_head"] = float(host[-1]["lr"]), float(host[-1]["lr_head"])
-            elapsed = time.time() - window_start
-            avg["images_per_second"] = window_steps * global_batch / max(elapsed, 1e-9)
-            window_start, window_steps = time.time(), 0
-            if not np.isfinite(avg["loss"]):
-                raise TrainingError(
-                    f"loss is {avg['loss']} at step {done}; lower the learning rate or enable optimizer.grad_clip_norm"
-                )
-            writer.scalars(done, "train", avg)
+    preempted = False
+    done = start_step
+    try:
+        if (
+            start_step
+            and jax.process_count() == 1
+            and eval_due(start_step)
+            and not os.path.exists(os.path.join(workdir, "eval", f"eval_{start_step}.json"))
+        ):  # the evaluation of this step was cut short by a stop signal: do it now
+            results = eval_and_save(start_step)
+            preempted = results is None
+        for step in range(start_step, stop_at):
+            if preempted or stop.should_stop(step):
+                preempted = True
+                break
+            batch = next(train_iter)
+            batch = shard_batch({"image": batch["image"], "label": batch["label"]}, batch_sharding)
+            state, step_metrics = train_step(state, batch, train_rng)
+            pending.append(step_metrics)
+            window_steps += 1
+            done = step + 1
+            if done % log_every == 0 or done == stop_at:
+                # One host sync per log interval: average the interval's metrics.
+                host = to_host(pending)
+                pending = []
+                avg = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+                avg["lr"], avg["lr_head"] = float(host[-1]["lr"]), float(host[-1]["lr_head"])
+                elapsed = time.time() - window_start
+                avg["images_per_second"] = window_steps * global_batch / max(elapsed, 1e-9)
+                window_start, window_steps = time.time(), 0
+                if not np.isfinite(avg["loss"]):
+                    raise TrainingError(
+                        f"loss is {avg['loss']} at step {done}; lower the learning rate or enable "
+                        "optimizer.grad_clip_norm"
+                    )
+                writing = "the logs"
+                writer.scalars(done, "train", avg)
+                if bar is not None:
+                    bar.set_postfix(
+                        loss=f"{avg['loss']:.4f}",
+                        lr=f"{avg['lr']:.2e}",
+                        img_s=f"{avg['images_per_second']:.1f}",
+                        refresh=False,
+                    )
             if bar is not None:
-                bar.set_postfix(
-                    loss=f"{avg['loss']:.4f}",
-                    lr=f"{avg['lr']:.2e}",
-                    img_s=f"{avg['images_per_second']:.1f}",
-                    refresh=False,
-                )
+                bar.update(1)
+            if eval_due(done):
+                results = eval_and_save(done)
+                if results is None:
+                    preempted = True
+                    break
+                window_start = time.time()  # keep eval time out of images/s
+            elif (ckpt_every and done % ckpt_every == 0) or done == stop_at:
+                save(done)
+        if preempted and done > start_step and done not in saved:
+            save(done)  # the step the signal interrupted (every host stops at the same one)
         if bar is not None:
-            bar.update(1)
-        is_last = done == total_steps
-        if (eval_every and done % eval_every == 0) or is_last:
-            results = _eval_and_log(
-                done, model, state, eval_iter, eval_step, info, config, workdir, writer, batch_sharding, data_config
-            )
-            if bar is not None:
-                bar.write(
-                    f"step {done}: mIoU {results['mIoU']:.4f}  mAcc {results['mAcc']:.4f}  aAcc {results['aAcc']:.4f}"
-                )
-            save_checkpoint(
-                manager,
-                state,
-                {**meta, "mIoU": results["mIoU"]},
-                metrics_for_best={"mIoU": float(np.nan_to_num(results["mIoU"], nan=-1.0))},
-            )
-            window_start = time.time()  # keep eval time out of images/s
-        elif (ckpt_every and done % ckpt_every == 0) or done == stop_at:
-            save_checkpoint(manager, state, meta)
-    if bar is not None:
-        bar.close()
-    manager.wait_until_finished()
+            bar.close()
+        manager.wait_until_finished()
+        if preempted:
+            return _stopped(stop, done, start_step, saved, workdir, accum, config)
+        result = _finish(
+            config, workdir, model, state, results, eval_iter, eval_step, info, writer, batch_sharding, data_config
+        )
+    except Exception as e:
+        error = write_error(e, workdir, writing, _committed_step(workdir))
+        if error is not None:
+            raise error from None
+        raise
+    writer.close()
+    manager.close()
+    return result
 
+
+def _committed_step(workdir: str) -> int | None:
+    """The newest complete checkpoint on disk (Orbax renames a checkpoint to its step when committed)."""
+    try:
+        steps = [int(n) for n in os.listdir(os.path.join(workdir, CHECKPOINT_DIR)) if n.isdigit()]
+    except OSError:
+        return None
+    return max(steps, default=None)
+
+
+def _stopped(stop: StopRequest, done: int, start_step: int, saved: list, workdir: str, accum: int, config) -> dict:
+    seconds = time.time() - stop.received_at if stop.received_at else float("nan")
+    if jax.process_index() == 0:
+        where = os.path.join(workdir, CHECKPOINT_DIR, str(done))
+        if done > start_step:
+            what = f"checkpoint of step {done // accum} written to {where}"
+        elif saved:
+            latest = os.path.join(workdir, CHECKPOINT_DIR, str(saved[-1]))
+            what = f"no step done in this run, nothing written; the latest checkpoint is {latest}"
+        else:
+            what = "no step done yet: nothing saved"
+        print(
+            f"Stopped by {stop.signal_name} at step {done // accum} of {int(config.total_steps)} "
+            f"({what}; {seconds:.1f} s after the signal). Rerun the same command to resume from {workdir}.",
+            flush=True,
+        )
+    return {"step": done, "preempted": stop.signal_name}
+
+
+def _finish(config, workdir, model, state, results, eval_iter, eval_step, info, writer, batch_sharding, data_config):
+    """After the loop: the final export (a finished run) or the note of where it stopped."""
+    is_main = jax.process_index() == 0
+    accum = max(int(config.optimizer.grad_accum_steps), 1)
+    total_steps = int(config.total_steps) * accum
     final_step = int(to_host(state.step))
     if final_step >= total_steps:
         if results is None:  # resumed a finished run: evaluate the restored state again (for the export)
@@ -312,6 +456,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"rerun the same command to resume from {workdir}",
             flush=True,
         )
-    writer.close()
-    manager.close()
     return {"step": final_step, **(results or {})}
