@@ -167,6 +167,23 @@ def _output_names(files: Sequence[str]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ model
+def binary_apply(apply_fn, threshold: float = 0.5):
+    """A binary model's apply (one logit channel x) as two channels (logit(threshold), x): their argmax
+    is the 0 / 1 mask sigmoid(x) > threshold (logit > 0 at 0.5, HF's rule), and their softmax is
+    (1 - p, p) with p = sigmoid(x - logit(threshold)), which TTA averages as for any model."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"binary threshold={threshold}: a probability strictly between 0 and 1")
+    offset = float(np.log(threshold / (1.0 - threshold)))
+
+    def apply(variables, images, *args, **kwargs):
+        import jax.numpy as jnp
+
+        logits = apply_fn(variables, images, *args, **kwargs)
+        return jnp.concatenate([jnp.full_like(logits, offset), logits], axis=-1)
+
+    return apply
+
+
 def load_model(path: str | os.PathLike):
     """-> (model, apply_fn, variables) from a from_pretrained directory or an int8 checkpoint
     written by `segformer_jax.deploy.quantize.save_quantized`."""
@@ -205,6 +222,7 @@ def predict(
     overlay: bool = True,
     progress: bool = True,
     chunk_images: int = 16,
+    threshold: float = 0.5,
 ) -> PredictResult:
     """Segment `inputs` (files, folders, globs) and write label PNGs + overlays into `out_dir`.
 
@@ -212,6 +230,8 @@ def predict(
         Flax module with `variables` (and optionally `apply_fn`, default model.apply).
     forward: reuse a TiledForward (and its compilations) across calls.
     config: whole / slide, resize scale, TTA ratios and flip, crop/stride, bucket.
+    threshold: binary models (one logit channel): foreground (1) where sigmoid(logit) > threshold; a
+        `forward` given for such a model must be built on `binary_apply`.
     Returns a PredictResult (written files, failures with messages, compilations, seconds).
     Raises before any model work if no image is found or out_dir cannot be written."""
     start = time.perf_counter()
@@ -230,8 +250,11 @@ def predict(
     elif variables is None and forward is None:
         raise ValueError("predict: pass a model directory, or a Flax model with variables=")
     if forward is None:
-        forward = inference.TiledForward(apply_fn or model.apply, variables, batch_size)
-    num_labels = model.config.num_labels
+        apply = apply_fn or model.apply
+        if model.config.num_labels == 1:  # binary: mask PNG of 0 / 1, overlay of the foreground
+            apply = binary_apply(apply, threshold)
+        forward = inference.TiledForward(apply, variables, batch_size)
+    num_labels = max(model.config.num_labels, 2)
     colours = (
         np.asarray(palette, np.uint8) if isinstance(palette, np.ndarray) else palettes.get_palette(palette, num_labels)
     )
@@ -371,6 +394,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--palette", default="auto", help="auto | ade20k | cityscapes | generated")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colours")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="binary models (one logit channel): foreground where sigmoid(logit) > this (default 0.5: logit > 0)",
+    )
     p.add_argument("--no-overlay", action="store_true", help="write label maps only")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
@@ -426,6 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             palette=args.palette,
             alpha=args.alpha,
             overlay=not args.no_overlay,
+            threshold=args.threshold,
             progress=not args.quiet,
         )
     except (FileNotFoundError, OutputError, ValueError) as e:

@@ -378,3 +378,29 @@ def scan_folder(
         train=FolderSplit(tuple(tr_img), tuple(tr_mask)),
         val=FolderSplit(tuple(va_img), tuple(va_mask)),
     )
+
+
+def check_binary_masks(root: str, field: str = "model.binary") -> None:
+    """A binary (one logit channel) model trains on masks of 0 (background), 1 (foreground) and 255
+    (ignore) only; raises :class:`FolderDatasetError` naming `field` and the offending masks otherwise
+    (e.g. masks saved for viewing as 0 / 255, or with more classes). Reads every mask under ``root``."""
+    root = os.path.expanduser(str(root))
+    bad = []
+    for directory, _, files in sorted(os.walk(root)):
+        if os.path.basename(directory) != "masks":
+            continue
+        for name in sorted(files):
+            if not name.lower().endswith(MASK_EXTENSIONS):
+                continue
+            path = os.path.join(directory, name)
+            ids = np.unique(load_mask(path))
+            other = [int(i) for i in ids if i not in (0, 1, IGNORE_INDEX)]
+            if other:
+                bad.append(f"{path}: values {other[:8]}{' ...' if len(other) > 8 else ''}")
+    if bad:
+        raise FolderDatasetError(
+            f"{field}=True (one sigmoid logit) needs masks of 0 (background), 1 (foreground) and 255 "
+            f"(ignore) only, but {len(bad)} mask(s) under {root!r} hold other values: {_list(bad)}. Map "
+            f"the foreground to 1 (a mask saved as 0 / 255 for viewing marks it as ignored), or set "
+            f"{field}=False to train one softmax channel per class."
+        )

@@ -50,6 +50,7 @@ def paper_recipe(variant, data):
     )
     c.model.remat_blocks = False  # recompute encoder blocks in the backward pass (memory for large crops)
     c.model.scan_blocks = False  # each stage's blocks as one lax.scan (compile time of deep variants)
+    c.model.binary = False  # one sigmoid logit (num_labels=1, HF BCE) for a 2-class dataset: 0 background, 1 fg
     c.model.overrides = ml_collections.ConfigDict()  # other SegformerConfig fields over the variant (tiny test models)
 
     c.optimizer = ml_collections.ConfigDict()
@@ -69,6 +70,16 @@ def paper_recipe(variant, data):
 
     c.loss = ml_collections.ConfigDict()
     c.loss.reduction = "all"  # 'all': mean over all pixels incl. ignored (mmseg default, NVlabs); 'valid': HF
+    # (name, weight) pairs summed (mmseg loss_decode list); names: cross_entropy, ohem_cross_entropy, dice,
+    # lovasz_softmax, focal (training/losses.py)
+    c.loss.terms = (("cross_entropy", 1.0),)
+    c.loss.class_weight = None  # None | one weight per class (torch weight=) | 'inverse_sqrt_frequency' (train masks)
+    c.loss.label_smoothing = 0.0  # cross_entropy label smoothing (torch label_smoothing)
+    c.loss.ohem_thresh = 0.7  # ohem_cross_entropy: keep pixels whose true-class probability is below this
+    c.loss.ohem_min_kept = 100_000  # ohem_cross_entropy: at least this many pixels per image (mmseg min_kept)
+    c.loss.dice_smooth = 1.0  # dice: smoothing added to numerator and denominator (mmseg smooth)
+    c.loss.dice_exponent = 2.0  # dice: exponent of the probabilities in the denominator (mmseg exponent)
+    c.loss.focal_gamma = 2.0  # focal: (1 - p)^gamma
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 16_000  # evaluate (and checkpoint with mIoU) every this many updates; 0 = only at the end
@@ -77,6 +88,7 @@ def paper_recipe(variant, data):
     c.eval.crop_size = ()  # slide: window (h, w)
     c.eval.stride = ()  # slide: stride (h, w)
     c.eval.num_vis = 4  # validation images in the PNG grid written at each eval
+    c.eval.binary_threshold = 0.5  # binary models: foreground where sigmoid(logit) > this (0.5: logit > 0)
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 4000  # checkpoint every this many updates (eval steps always checkpoint)

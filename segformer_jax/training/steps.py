@@ -10,6 +10,7 @@ never interrupted.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -27,10 +28,16 @@ from segformer_jax.xla_options import init_compiler_options, train_compiler_opti
 
 def make_train_step(config, num_classes: int, lr_schedule: Callable, ignore_index: int = 255):
     """train_step(state, batch, rng) -> (state, metrics); pure, to be jitted."""
-    reduction = config.loss.reduction
+    data_config = config.get("data")
+    compute_loss = losses.loss_from_config(  # config.loss.*; raises on a bad one, before any compile
+        config.loss,
+        num_classes=num_classes,
+        ignore_index=ignore_index,
+        data_config=data_config,
+        crop_size=data_config.get("crop_size") if data_config is not None else None,
+    )
     accum = max(int(config.optimizer.grad_accum_steps), 1)
     head_mult = float(config.optimizer.head_lr_mult)
-    del num_classes
 
     def train_step(state: TrainState, batch, rng):
         step_rng = jax.random.fold_in(rng, state.step)
@@ -43,9 +50,7 @@ def make_train_step(config, num_classes: int, lr_schedule: Callable, ignore_inde
                 rngs={"dropout": step_rng},
                 mutable=["batch_stats"],
             )
-            loss = losses.semantic_segmentation_loss(
-                logits, batch["label"], ignore_index=ignore_index, reduction=reduction
-            )
+            loss = compute_loss(logits, batch["label"])
             return loss, updates["batch_stats"]
 
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -59,7 +64,14 @@ def make_train_step(config, num_classes: int, lr_schedule: Callable, ignore_inde
 
 def make_eval_step(model, config, num_classes: int, ignore_index: int = 255):
     """eval_step(variables, batch) -> (confusion matrix (K, K) int32, predictions (B, H, W) int32), pure.
-    Logits are upsampled to the label size before the argmax (mmseg / HF post-processing)."""
+    Logits are upsampled to the label size before the argmax (mmseg / HF post-processing). A binary
+    model (one logit channel) predicts foreground (1) where sigmoid(logit) > eval.binary_threshold, and
+    its matrix is 2 x 2 (num_classes = 2: background, foreground)."""
+    channels = int(model.config.num_labels)
+    threshold = float(config.eval.get("binary_threshold", 0.5))
+    if channels == 1 and not 0.0 < threshold < 1.0:
+        raise ValueError(f"eval.binary_threshold={threshold}; a probability in (0, 1)")
+    logit_threshold = math.log(threshold / (1.0 - threshold)) if channels == 1 else 0.0
     mode = config.eval.mode
     crop = tuple(config.eval.crop_size) if config.eval.get("crop_size") else None
     stride = tuple(config.eval.stride) if config.eval.get("stride") else None
@@ -70,9 +82,12 @@ def make_eval_step(model, config, num_classes: int, ignore_index: int = 255):
 
         images, labels = batch["image"], batch["label"]
         logits = metrics.predict(
-            logits_fn, images, mode=mode, crop=crop, stride=stride, num_classes=num_classes, out_size=labels.shape[1:3]
+            logits_fn, images, mode=mode, crop=crop, stride=stride, num_classes=channels, out_size=labels.shape[1:3]
         )
-        preds = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        if channels == 1:
+            preds = (logits[..., 0] > logit_threshold).astype(jnp.int32)
+        else:
+            preds = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         labels = jnp.where(batch["valid"][:, None, None], labels, ignore_index)  # padded examples
         return metrics.confusion_matrix(labels, preds, num_classes, ignore_index), preds
 
