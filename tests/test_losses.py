@@ -378,3 +378,20 @@ def test_inverse_sqrt_frequency_weights():
     expected = (1 / np.sqrt(f)) / np.sum(f / np.sqrt(f))
     np.testing.assert_allclose(w, expected, rtol=1e-12)
     assert w[1] / w[0] == pytest.approx(3.0)
+
+
+def test_default_config_loss_is_the_banded_kernel_unchanged():
+    """The default loss.terms (cross_entropy, 1.0) traces to exactly the program of
+    semantic_segmentation_loss (the banded kernel): the train step's speed and memory do not change."""
+    from segformer_jax.training import recipes
+
+    cfg = recipes.paper_recipe("b0", None).loss
+    for reduction in ("valid", "all"):
+        cfg.reduction = reduction
+        fn = losses.loss_from_config(cfg, num_classes=4)
+        x, y = jnp.zeros((2, 8, 8, 4)), jnp.zeros((2, 32, 32), jnp.int32)
+        ours = jax.make_jaxpr(jax.value_and_grad(fn))(x, y)
+        plain = jax.make_jaxpr(
+            jax.value_and_grad(lambda a, b, r=reduction: losses.semantic_segmentation_loss(a, b, reduction=r))
+        )(x, y)
+        assert str(ours) == str(plain)
