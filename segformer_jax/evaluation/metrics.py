@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from segformer_jax.inference import slide_windows  # mmseg's window grid, shared with predict
-from segformer_jax.models.kernels import resize_bilinear
+from segformer_jax.models.kernels import resize_bilinear, resize_bilinear_valid
 
 # Flush the on-device int32 matrix to the host int64 one before 2^31 pixels can have been counted.
 _FLUSH_PIXELS = 2**30
@@ -162,10 +162,20 @@ def upsample_logits(logits, size):
     return resize_bilinear(logits.astype(jnp.float32), tuple(size))
 
 
-def predict_whole(logits_fn: Callable, images, out_size=None):
-    """Whole-image inference: logits of the full image, upsampled to `out_size` (default: image size)."""
+def predict_whole(logits_fn: Callable, images, out_size=None, valid_size=None):
+    """Whole-image inference: logits of the full image, upsampled to `out_size` (default: image size).
+
+    valid_size (B, 2): each image's (h, w) inside a padded batch, labels padded likewise (out_size =
+    the images' size). `logits_fn(images, valid_size)` then gives each image's unpadded logits, which
+    are upsampled to its own (h, w) with that size's weights: the padding changes nothing."""
     out_size = tuple(out_size or images.shape[1:3])
-    return upsample_logits(logits_fn(images), out_size)
+    if valid_size is None:
+        return upsample_logits(logits_fn(images), out_size)
+    if out_size != tuple(images.shape[1:3]):
+        raise ValueError(f"valid_size needs labels of the images' size {images.shape[1:3]}; got {out_size}")
+    logits_size = (valid_size - 1) // 4 + 1  # the network's ceil(h/4)
+    logits = logits_fn(images, valid_size).astype(jnp.float32)
+    return resize_bilinear_valid(logits, out_size, logits_size, valid_size)
 
 
 def predict_slide(
@@ -187,11 +197,21 @@ def predict_slide(
 
 
 def predict(
-    logits_fn: Callable, images, *, mode: str = "whole", crop=None, stride=None, num_classes=None, out_size=None
+    logits_fn: Callable,
+    images,
+    *,
+    mode: str = "whole",
+    crop=None,
+    stride=None,
+    num_classes=None,
+    out_size=None,
+    valid_size=None,
 ):
-    """Full-resolution logits (B, H, W, K) by whole-image or sliding-window inference."""
+    """Full-resolution logits (B, H, W, K) by whole-image or sliding-window inference. valid_size: see
+    `predict_whole` (whole mode; sliding windows are planned on the padded size: exact when the images
+    fill it, as Cityscapes' do)."""
     if mode == "whole":
-        return predict_whole(logits_fn, images, out_size)
+        return predict_whole(logits_fn, images, out_size, valid_size)
     if mode == "slide":
         if crop is None or stride is None or num_classes is None:
             raise ValueError("slide inference needs crop, stride and num_classes")

@@ -77,12 +77,21 @@ def make_eval_step(model, config, num_classes: int, ignore_index: int = 255):
     stride = tuple(config.eval.stride) if config.eval.get("stride") else None
 
     def eval_step(variables, batch):
-        def logits_fn(images):
-            return model.apply(variables, images)
+        def logits_fn(images, valid_size=None):
+            return model.apply(variables, images, valid_size=valid_size)
 
         images, labels = batch["image"], batch["label"]
+        # Each image's own size inside the fixed eval shape: its logits are those of the unpadded image.
+        valid_size = batch.get("image_size") if mode == "whole" else None
         logits = metrics.predict(
-            logits_fn, images, mode=mode, crop=crop, stride=stride, num_classes=channels, out_size=labels.shape[1:3]
+            logits_fn,
+            images,
+            mode=mode,
+            crop=crop,
+            stride=stride,
+            num_classes=channels,
+            out_size=labels.shape[1:3],
+            valid_size=valid_size,
         )
         if channels == 1:
             preds = (logits[..., 0] > logit_threshold).astype(jnp.int32)
@@ -131,7 +140,7 @@ def confusion_over_batches(
         it = tqdm(eval_batches, desc="eval", leave=False, dynamic_ncols=True)
     for batch in it:
         sizes = batch.get("image_size")
-        batch = {k: batch[k] for k in ("image", "label", "valid")}
+        batch = {k: batch[k] for k in ("image", "label", "valid", "image_size") if k in batch}
         global_batch = shard_batch(batch, batch_sharding)
         cm, preds = eval_step_fn(variables, global_batch)
         acc.add(cm, int(np.prod(global_batch["label"].shape)))
