@@ -433,11 +433,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 given[name] = _pair(getattr(args, name), f"--{name}")  # 'none' is a choice, not "unset"
         saved = inference.load_settings(args.model) if os.path.isdir(args.model) else {}
         from_model = {k: v for k, v in saved.items() if k not in given}
+        if "scale" in given:
+            from_model.pop("size", None)  # --scale replaces the processor's fixed resize
         if from_model:
+            source = (
+                f"as evaluated in training ({inference.SETTINGS_NAME})"
+                if os.path.isfile(os.path.join(args.model, inference.SETTINGS_NAME))
+                else "its transformers preprocessor_config.json"
+            )
             print(
-                f"{args.model}: as evaluated in training ({inference.SETTINGS_NAME}): "
-                + ", ".join(f"{k} {v}" for k, v in from_model.items())
-                + "; flags override",
+                f"{args.model}: {source}: " + ", ".join(f"{k} {v}" for k, v in from_model.items()) + "; flags override",
                 file=sys.stderr,
             )
         settings = {"mode": "whole", "scale": (2048, 512), **from_model, **given}

@@ -27,6 +27,8 @@ logger = logging.getLogger("segformer_jax")
 
 FLAX_WEIGHTS_DIR = "flax_variables"  # Orbax checkpoint inside a directory saved with format="flax"
 CONFIG_NAME = "config.json"
+# transformers' SegformerImageProcessor settings beside config.json (resize, normalisation, labels)
+PREPROCESSOR_NAME = "preprocessor_config.json"
 # A train.py workdir: checkpoints/<step>/ while training, the exported model in final/ at the end.
 WORKDIR_CHECKPOINTS, WORKDIR_FINAL = "checkpoints", "final"
 # The int8 weight-only checkpoints of segformer_jax.deploy.quantize: recognised here, to refuse them.
@@ -398,14 +400,63 @@ def _check_fits(model, variables) -> None:
         )
 
 
+def hf_preprocessor_config(
+    size: tuple[int, int] | None = None,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    reduce_labels: bool = False,
+) -> dict:
+    """A `preprocessor_config.json` for transformers' SegformerImageProcessor: resize to `size` (h, w)
+    (None: keep the image's size), rescale 1/255, normalise with mean / std (0..1 units)."""
+    config = {
+        "image_processor_type": "SegformerImageProcessor",
+        "do_resize": size is not None,
+        "resample": 2,  # PIL bilinear
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [float(m) for m in mean],
+        "image_std": [float(s) for s in std],
+        "do_reduce_labels": bool(reduce_labels),
+    }
+    if size is not None:
+        config["size"] = {"height": int(size[0]), "width": int(size[1])}
+    return config
+
+
+def read_preprocessor_config(model_dir: str | os.PathLike) -> dict | None:
+    """The directory's `preprocessor_config.json` (None when it has none)."""
+    path = os.path.join(os.fspath(model_dir), PREPROCESSOR_NAME)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path} is not readable JSON ({e}); fix or delete it") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} is not an image processor config (a JSON object)")
+    return config
+
+
 def save_pretrained(
-    model, variables: Mapping[str, Any], out_dir: str | os.PathLike, format: str = "flax", *, overwrite: bool = False
+    model,
+    variables: Mapping[str, Any],
+    out_dir: str | os.PathLike,
+    format: str = "flax",
+    *,
+    overwrite: bool = False,
+    preprocessor: Mapping[str, Any] | None = None,
 ) -> str:
     """Write `model` + `variables` to `out_dir` atomically (all or nothing).
 
     format='flax': config.json + an Orbax checkpoint (`flax_variables/`), read back by from_pretrained.
     format='hf': config.json + model.safetensors with hub key names; transformers'
         `SegformerFor*.from_pretrained(out_dir)` loads it.
+    preprocessor: the image processor settings to write as preprocessor_config.json (e.g.
+        `read_preprocessor_config(source_dir)`, so that a model round-trips with its preprocessing).
+        None: for format='hf', `hf_preprocessor_config()` (the image at its own size, ImageNet
+        normalisation: what segformer_jax's predict computes by default for such a directory).
     """
     from weights_convert import checkpoint_io
     from weights_convert.convert import flax_to_torch_state
@@ -439,6 +490,12 @@ def save_pretrained(
             config_text = model.config.to_json_string(arch, with_impl=True)
         with open(os.path.join(staging, CONFIG_NAME), "w") as f:
             f.write(config_text)
+        if preprocessor is None and format == "hf" and arch == "SegformerForSemanticSegmentation":
+            preprocessor = hf_preprocessor_config()
+        if preprocessor is not None:
+            with open(os.path.join(staging, PREPROCESSOR_NAME), "w") as f:
+                json.dump(dict(preprocessor), f, indent=2)
+                f.write("\n")
     return os.path.abspath(os.fspath(out_dir))
 
 

@@ -183,3 +183,48 @@ def test_predict_end_to_end_equals_transformers_pipeline_and_compiles_once_per_b
         want_logits = _hf_upsampled_logits(ref, _normalised(image)).numpy()
         assert np.abs(logits_by_image[i] - want_logits).max() < 1e-4
     assert os.path.isfile(tmp_path / "out" / "img0_overlay.png")
+
+
+def test_a_model_directory_carries_its_preprocessing(hf_and_flax, tmp_path):
+    """save_pretrained(format='hf') writes transformers' preprocessor_config.json (the image at its own
+    size, ImageNet normalisation), transformers reads it, and predict takes its defaults from it; a
+    processor that resizes to a fixed size is followed too (measured against transformers' pipeline)."""
+    from segformer_jax import predict as P
+    from segformer_jax.pretrained import read_preprocessor_config, save_pretrained
+
+    ref, model, variables = hf_and_flax
+    out = save_pretrained(model, variables, tmp_path / "hf", format="hf")
+    processor = transformers.SegformerImageProcessorPil.from_pretrained(out)
+    assert processor.do_resize is False and np.allclose(processor.image_mean, [0.485, 0.456, 0.406])
+    settings = inference.load_settings(out)
+    assert settings["mode"] == "whole" and settings["scale"] is None and "size" not in settings
+    np.testing.assert_allclose(settings["mean"], MEAN, rtol=1e-6)
+    np.testing.assert_allclose(settings["std"], STD, rtol=1e-6)
+    again = save_pretrained(
+        model, variables, tmp_path / "again", format="hf", preprocessor=read_preprocessor_config(out)
+    )
+    assert read_preprocessor_config(again) == read_preprocessor_config(out)
+
+    # A processor resizing to 64x96: predict's defaults follow it.
+    hf_dir = tmp_path / "resizing"
+    ref.save_pretrained(hf_dir)
+    transformers.SegformerImageProcessorPil(do_resize=True, size={"height": 64, "width": 96}).save_pretrained(hf_dir)
+    settings = inference.load_settings(hf_dir)
+    assert settings["size"] == (64, 96) and settings["scale"] is None
+    image = _image(150, 170, seed=3)
+    Image.fromarray(image).save(tmp_path / "photo.png")
+    assert (
+        P.main(["--model", str(hf_dir), "--output", str(tmp_path / "pred"), "--quiet", str(tmp_path / "photo.png")])
+        == 0
+    )
+    got = np.asarray(Image.open(tmp_path / "pred" / "photo.png"))
+    processor = transformers.SegformerImageProcessorPil.from_pretrained(hf_dir)
+    with torch.no_grad():
+        outputs = ref(pixel_values=processor(images=image, return_tensors="pt")["pixel_values"])
+    want = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.shape[:2]])[0].numpy()
+    # Not bit-exact by construction: transformers resizes the uint8 image with PIL (antialiased, rounded
+    # to uint8) and the logits in one step; predict resizes float pixels (torch's bilinear) and the
+    # logits via the resized size. Without the processor's size (the old default, 2048x512) far less agrees.
+    agreement = np.mean(got == want)
+    assert agreement > 0.9, agreement
+    print(f"agreement with transformers' resizing pipeline: {agreement:.4f}")

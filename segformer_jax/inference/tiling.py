@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from segformer_jax.fileio import atomic_write_bytes
-from segformer_jax.models.preprocess import normalize_images
+from segformer_jax.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize_images
 
 
 # ------------------------------------------------------------------------------------ geometry
@@ -154,8 +154,12 @@ class InferenceConfig:
     flip: also run the mirrored image (TTA).
     crop, stride: sliding-window size and step (h, w), e.g. (1024, 1024), (768, 768).
     size_divisor: round the resized size up to a multiple (NVlabs AlignedResize); None: no rounding.
-    bucket: pad tiles to multiples of this many pixels so that similar sizes share a compilation;
-        None: never pad (one compilation per distinct size).
+    bucket: pad tiles to multiples of this many pixels so that similar sizes share a compilation
+        (each tile's logits are still those of its unpadded self); None: never pad (one compilation
+        per distinct size).
+    size: resize every image to exactly (h, w) instead (transformers' SegformerImageProcessor with
+        do_resize: what a model directory's preprocessor_config.json asks for); None: `scale`.
+    mean, std: per-channel normalisation on 0..255 pixels; None: ImageNet's (the SegFormer default).
     """
 
     mode: str = "whole"
@@ -166,6 +170,9 @@ class InferenceConfig:
     stride: tuple[int, int] = (341, 341)
     size_divisor: int | None = None
     bucket: int | None = 32
+    size: tuple[int, int] | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
 
     def __post_init__(self):
         if self.mode not in ("whole", "slide"):
@@ -187,6 +194,15 @@ class InferenceConfig:
             )
         if self.scale is not None:
             object.__setattr__(self, "scale", _pair("scale", self.scale))
+        if self.size is not None:
+            object.__setattr__(self, "size", _pair("size", self.size))
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None:
+                value = tuple(float(v) for v in value)
+                if len(value) != 3 or (name == "std" and min(value) <= 0):
+                    raise ValueError(f"{name}={value}: give three per-channel values (std > 0), on 0..255 pixels")
+                object.__setattr__(self, name, value)
 
     @property
     def augmentations(self) -> list[tuple[float, bool]]:
@@ -221,6 +237,26 @@ SETTINGS_NAME = "inference.json"  # beside a model's config.json: the settings i
 _SAVED_FIELDS = ("mode", "scale", "crop", "stride", "size_divisor")
 
 
+def settings_from_preprocessor(processor: dict, source: str = "preprocessor_config.json") -> dict:
+    """InferenceConfig fields for transformers' SegformerImageProcessor settings: the whole image,
+    resized to `size` if do_resize (else at its own size), normalised with its mean / std."""
+    out: dict = {"mode": "whole", "scale": None}
+    if processor.get("do_resize", True):
+        size = processor.get("size", {"height": 512, "width": 512})  # the processor's own default
+        if not (isinstance(size, dict) and {"height", "width"} <= set(size)):
+            raise ValueError(f"{source}: size={size!r}; segformer_jax follows {{'height': h, 'width': w}} only")
+        out["size"] = (int(size["height"]), int(size["width"]))
+    rescale = float(processor.get("rescale_factor", 1 / 255)) if processor.get("do_rescale", True) else 1.0
+    if processor.get("do_normalize", True):
+        mean = processor.get("image_mean", [0.485, 0.456, 0.406])
+        std = processor.get("image_std", [0.229, 0.224, 0.225])
+        out["mean"] = tuple(float(m) / rescale for m in mean)  # on 0..255 pixels
+        out["std"] = tuple(float(s) / rescale for s in std)
+    else:
+        out["mean"], out["std"] = (0.0, 0.0, 0.0), (1.0 / rescale,) * 3
+    return out
+
+
 def save_settings(config: InferenceConfig, model_dir: str | os.PathLike) -> str:
     """Record how a model was evaluated (train.py writes it into <workdir>/final), so that
     `segformer_jax.predict` segments new images the same way by default."""
@@ -232,10 +268,16 @@ def save_settings(config: InferenceConfig, model_dir: str | os.PathLike) -> str:
 
 
 def load_settings(model_dir: str | os.PathLike) -> dict:
-    """The fields recorded by `save_settings` ({} when the directory has none), for InferenceConfig(**...)."""
+    """The fields recorded by `save_settings`, or else those of the directory's transformers
+    preprocessor_config.json ({} when it has neither), for InferenceConfig(**...)."""
+    from segformer_jax.pretrained import PREPROCESSOR_NAME, read_preprocessor_config
+
     path = os.path.join(os.fspath(model_dir), SETTINGS_NAME)
     if not os.path.isfile(path):
-        return {}
+        processor = read_preprocessor_config(model_dir)
+        if processor is None:
+            return {}
+        return settings_from_preprocessor(processor, os.path.join(os.fspath(model_dir), PREPROCESSOR_NAME))
     try:
         with open(path) as f:
             saved = json.load(f)
@@ -360,12 +402,25 @@ def _tile_shape(window_hw: tuple[int, int], crop: tuple[int, int] | None, bucket
     return tuple(out)
 
 
+def _resized_size(h0: int, w0: int, cfg: InferenceConfig, ratio: float) -> tuple[int, int]:
+    if cfg.size is not None:
+        return max(1, int(cfg.size[0] * ratio + 0.5)), max(1, int(cfg.size[1] * ratio + 0.5))
+    return keep_ratio_size(h0, w0, cfg.scale, ratio, cfg.size_divisor)
+
+
+def _normalise(x: np.ndarray, cfg: InferenceConfig) -> np.ndarray:
+    mean = np.asarray(cfg.mean if cfg.mean is not None else IMAGENET_MEAN, np.float32)
+    std = np.asarray(cfg.std if cfg.std is not None else IMAGENET_STD, np.float32)
+    return ((np.asarray(x, np.float32) - mean) / std).astype(np.float32)
+
+
 def _plan(image: np.ndarray, cfg: InferenceConfig) -> list[_Aug]:
     h0, w0 = image.shape[:2]
     augs = []
     for ratio, flip in cfg.augmentations:
-        size = keep_ratio_size(h0, w0, cfg.scale, ratio, cfg.size_divisor)
-        x = normalize_images(resize_bilinear(image, size))
+        size = _resized_size(h0, w0, cfg, ratio)
+        x = resize_bilinear(image, size)
+        x = normalize_images(x) if cfg.mean is None and cfg.std is None else _normalise(x, cfg)
         if flip:
             x = x[:, ::-1]
         if cfg.mode == "whole":
@@ -571,7 +626,7 @@ def tile_shapes(image_sizes: Iterable[tuple[int, int]], cfg: InferenceConfig) ->
     shapes = set()
     for h0, w0 in image_sizes:
         for ratio, _ in cfg.augmentations:
-            h, w = keep_ratio_size(h0, w0, cfg.scale, ratio, cfg.size_divisor)
+            h, w = _resized_size(h0, w0, cfg, ratio)
             if cfg.mode == "whole":
                 shapes.add(_tile_shape((h, w), None, cfg.bucket))
             else:
