@@ -9,8 +9,8 @@ The package, floor by floor (a floor imports only the floors above it in this li
     inference/      whole / sliding-window / TTA inference, visualisation
     evaluation/     confusion matrices, mIoU / mPA / aAcc
     training/       state, train_step, checkpoints, logging, the loop, optimiser, loss, config recipes
-    deploy/         export (StableHLO, SavedModel, TFLite), int8 quantization
-    predict.py, evaluate.py, quantize.py   the command-line tools (`python -m segformer_jax.<tool>`)
+    deploy/         export (StableHLO, SavedModel, TFLite, ONNX, OpenVINO), int8 quantization
+    predict.py, evaluate.py, quantize.py, export.py   the command-line tools (`python -m segformer_jax.<tool>`)
 
 `weights_convert/` (beside this package) holds the checkpoint key tables and the conversion CLI;
 `tests/test_layout.py` checks the floors and that no import cycle exists.

@@ -28,7 +28,6 @@ MOVED_MODULES = {
     "segformer_jax.metrics": "segformer_jax.evaluation.metrics",
     "segformer_jax.palettes": "segformer_jax.data.palettes",
     "segformer_jax.visualize": "segformer_jax.inference.visualize",
-    "segformer_jax.export": "segformer_jax.deploy.export",
 }
 
 

@@ -24,6 +24,7 @@ FLOORS = [
         "segformer_jax.predict",
         "segformer_jax.evaluate",
         "segformer_jax.quantize",
+        "segformer_jax.export",
         "weights_convert.__main__",
         "segformer_jax",
     ),

@@ -201,3 +201,199 @@ def export_tflite(
         raise RuntimeError(f"TFLite conversion failed: {first.strip()}") from e
     atomic_write_bytes(data, os.fspath(out_path))
     return os.fspath(out_path)
+
+
+# ------------------------------------------------------------------------------------ ONNX / OpenVINO
+# jax2onnx is not in the `export` extra: 0.17.1 pins orbax-checkpoint<0.11.37 (metadata only, it never
+# imports orbax), which our orbax-checkpoint>=0.12 rules out, so pip cannot resolve both in one install.
+ONNX_INSTALL_HINT = (
+    "pip install -e '.[export]' && pip install --no-deps jax2onnx==0.17.1 (--no-deps: its orbax-checkpoint<0.11.37 "
+    "pin conflicts with segformer-jax's orbax-checkpoint>=0.12; jax2onnx never imports orbax)"
+)
+DEFAULT_SIZE = (512, 512)
+
+
+class ExportDependencyError(ImportError):
+    """An optional export package (onnx, onnxruntime, openvino, jax2onnx) is not installed."""
+
+
+def _require(module: str, what: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ExportDependencyError(
+            f"{what} needs the Python package {module!r} ({e}); install it: {ONNX_INSTALL_HINT}"
+        ) from None
+
+
+_CLAMP_LOCK = __import__("threading").Lock()
+
+
+class _ClampAsMinMax:
+    """jax2onnx 0.17.1's lax.clamp lowering cannot stamp a symbolic batch onto its output shape (it
+    calls int() on the dimension). While tracing for ONNX, clamp is written as min(max(x, lo), hi):
+    the same values for every float32 input, NaN included."""
+
+    def __enter__(self):
+        _CLAMP_LOCK.acquire()
+        self._clamp = jax.lax.clamp
+        jax.lax.clamp = lambda lo, x, hi: jnp.minimum(jnp.maximum(x, lo), hi)
+
+    def __exit__(self, *exc):
+        jax.lax.clamp = self._clamp
+        _CLAMP_LOCK.release()
+
+
+def export_onnx(
+    model,
+    variables,
+    *,
+    height: int = DEFAULT_SIZE[0],
+    width: int = DEFAULT_SIZE[1],
+    batch: int | None = None,
+    uint8_input: bool = False,
+    upsample: bool = False,
+    opset: int = 23,
+):
+    """-> onnx.ModelProto of images[b, height, width, 3] -> logits, through jax2onnx; the batch is
+    symbolic ('b') unless `batch` is given. Height and width are fixed: jax2onnx 0.17.1 cannot lower
+    the model with symbolic spatial sizes (export one file per serving resolution)."""
+    _require("onnx", "ONNX export")
+    jax2onnx = _require("jax2onnx", "ONNX export")
+    if min(height, width) < MIN_SIDE:
+        raise ValueError(f"height={height}, width={width}: the network needs sides >= {MIN_SIDE}")
+    fn = serving_fn(model, variables, uint8_input=uint8_input, upsample=upsample)
+    spec = input_spec(model.config.num_channels, batch=batch, height=height, width=width, uint8_input=uint8_input)
+    with _ClampAsMinMax():
+        return jax2onnx.to_onnx(
+            fn, [spec], model_name="segformer", opset=opset, input_names=["images"], output_names=["logits"]
+        )
+
+
+def save_onnx(model, variables, path: str | os.PathLike, **kwargs) -> str:
+    """Write `export_onnx(...)` to `path` (one .onnx file, weights inside; atomic)."""
+    proto = export_onnx(model, variables, **kwargs)
+    atomic_write_bytes(proto.SerializeToString(), os.fspath(path))
+    return os.fspath(path)
+
+
+def save_openvino(model, variables, path: str | os.PathLike, *, onnx_path: str | os.PathLike | None = None, **kwargs):
+    """Write an OpenVINO IR (`path` = NAME.xml, beside it NAME.bin) converted from the ONNX export
+    (`onnx_path`, or one made here with `export_onnx(**kwargs)`). Weights stay float32 (no fp16
+    compression); choose the precision at compile time (INFERENCE_PRECISION_HINT: bf16 is the CPU
+    default where supported, f32 reproduces the live model). Atomic: both files or neither."""
+    import shutil
+
+    ov = _require("openvino", "OpenVINO export")
+    path = os.path.abspath(os.fspath(path))
+    if not path.endswith(".xml"):
+        raise ValueError(f"{path}: an OpenVINO IR path ends in .xml (the weights go beside it as .bin)")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        source = onnx_path
+        if source is None:
+            source = save_onnx(model, variables, os.path.join(staging, "model.onnx"), **kwargs)
+        ov_model = ov.convert_model(os.fspath(source))
+        staged_xml = os.path.join(staging, os.path.basename(path))
+        ov.save_model(ov_model, staged_xml, compress_to_fp16=False)
+        os.replace(staged_xml[: -len(".xml")] + ".bin", path[: -len(".xml")] + ".bin")
+        os.replace(staged_xml, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+# ------------------------------------------------------------------------------------ command line
+FORMATS = ("stablehlo", "savedmodel", "tflite", "onnx", "openvino")
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--size={text!r}: give HEIGHTxWIDTH, e.g. 512x512") from None
+    return h, w
+
+
+def main(argv=None) -> int:
+    """python -m segformer_jax.export --format FORMAT MODEL OUT (also as segformer_jax.deploy.export)."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(
+        prog="python -m segformer_jax.export",
+        description="Export a SegFormer (any from_pretrained source: a directory or a Hugging Face Hub id) for "
+        "serving. Inputs: float32 NHWC ImageNet-normalised images (--uint8-input: raw 0..255); outputs: logits at "
+        "1/4 of the input size (--upsample: at the input size).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  python -m segformer_jax.export --format onnx nvidia/segformer-b0-finetuned-ade-512-512 b0.onnx\n"
+        "  python -m segformer_jax.export --format openvino ./b0-flax b0.xml --size 512x683\n"
+        "  python -m segformer_jax.export --format stablehlo ./b0-flax b0.stablehlo   # any batch and size\n"
+        "formats: stablehlo (symbolic batch, height, width unless --size), savedmodel (same), tflite (static: "
+        "--batch 1, --size), onnx / openvino (symbolic batch, fixed --size, default 512x512).",
+    )
+    p.add_argument("model", help="model directory or Hugging Face Hub id")
+    p.add_argument("out", help="output file (.stablehlo, .onnx, .tflite, .xml) or directory (savedmodel)")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--size", default=None, help="HEIGHTxWIDTH (required fixed size for onnx/openvino/tflite)")
+    p.add_argument("--batch", type=int, default=None, help="fix the batch size (default: symbolic)")
+    p.add_argument("--uint8-input", action="store_true", help="take uint8 RGB and normalise inside the artifact")
+    p.add_argument("--upsample", action="store_true", help="return logits at the input size")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    args = p.parse_args(argv)
+
+    from segformer_jax.models.config import ConfigError
+    from segformer_jax.pretrained import from_pretrained
+    from weights_convert.checkpoint_io import CheckpointFileError
+    from weights_convert.convert import ConversionError
+
+    try:
+        size = _size(args.size) if args.size else None
+        if os.path.exists(args.out) and not args.overwrite:
+            raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+        kwargs = {"uint8_input": args.uint8_input, "upsample": args.upsample, "batch": args.batch}
+        if args.format in ("onnx", "openvino", "tflite") or size:
+            kwargs["height"], kwargs["width"] = size or DEFAULT_SIZE
+        if args.format in ("onnx", "openvino"):
+            _require("onnx", f"--format {args.format}")  # before the model is loaded
+            _require("jax2onnx", f"--format {args.format}")
+            if args.format == "openvino":
+                _require("openvino", "--format openvino")
+        model, variables = from_pretrained(args.model)
+        if args.format == "stablehlo":
+            out = save_stablehlo(model, variables, args.out, **kwargs)
+        elif args.format == "savedmodel":
+            out = save_tf_saved_model(model, variables, args.out, **kwargs)
+        elif args.format == "tflite":
+            kwargs["batch"] = kwargs["batch"] or 1
+            with tempfile.TemporaryDirectory() as tmp:
+                saved = save_tf_saved_model(model, variables, os.path.join(tmp, "savedmodel"), **kwargs)
+                out = export_tflite(saved, args.out)
+        elif args.format == "onnx":
+            out = save_onnx(model, variables, args.out, **kwargs)
+        else:
+            out = save_openvino(model, variables, args.out, **kwargs)
+    except (
+        ConfigError,
+        ConversionError,
+        CheckpointFileError,
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+        RuntimeError,
+        ExportDependencyError,
+    ) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    shape = f"[{args.batch or 'b'}, " + (f"{kwargs['height']}, {kwargs['width']}" if "height" in kwargs else "h, w")
+    print(f"wrote {out} ({args.format}, input {shape}, {model.config.num_channels}])")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
