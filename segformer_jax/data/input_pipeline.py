@@ -92,7 +92,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     """
     c = ml_collections.ConfigDict()
     # --- which data
-    c.name = "synthetic_shapes"  # 'synthetic_shapes'|'scene_parse150'|'cityscapes'|'oxford_iiit_pet'|'folder'
+    # 'synthetic_shapes'|'scene_parse150'|'cityscapes'|'oxford_iiit_pet'|'folder'|'hf'
+    c.name = "synthetic_shapes"
     c.data_dir = ""  # TFDS data_dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
     # TFDS builder config; '' = dataset default (synthetic_shapes: 'default'|'small'; cityscapes:
     # 'semantic_segmentation')
@@ -105,6 +106,12 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.split_seed = 0  # folder: seed of the deterministic train/val split
     c.class_names_file = ""  # folder: text file, one class name per line ('' = <folder>/class_names.txt if present)
     c.num_classes = 0  # folder without names file: number of classes (0 = max mask id + 1)
+    # name='hf': a Hugging Face `datasets` dataset (Hub id, save_to_disk dir, local imagefolder / parquet)
+    c.hf_path = ""
+    c.hf_name = ""  # the dataset's config name, if it has several
+    c.hf_image_column = "image"
+    c.hf_label_column = "label"  # integer class-id mask of the image's size (L / P image or 2-D int array)
+    c.hf_id2label_file = ""  # id2label.json or one name per line; '' = the label column's ClassLabel names
     c.reduce_zero_label = None  # None = dataset default (True for scene_parse150); True: 0 -> 255, k -> k-1
     c.pet_boundary_as_ignore = False  # oxford_iiit_pet: trimap border -> 255 (2 classes) instead of class 2
     # --- training augmentation (mmseg recipe)
@@ -154,6 +161,9 @@ _PRESETS = {
         crop_size=(512, 512), scale=(512, 512), eval_scale=(512, 512), eval_pad_size=(512, 512), shuffle_buffer=1024
     ),
     "synthetic_shapes": dict(),
+    "hf": dict(
+        crop_size=(512, 512), scale=(2048, 512), eval_scale=(2048, 512), eval_pad_size=(1024, 1024), shuffle_buffer=1024
+    ),
     "folder": dict(
         crop_size=(512, 512), scale=(2048, 512), eval_scale=(2048, 512), eval_pad_size=(1024, 1024), shuffle_buffer=1024
     ),
@@ -196,6 +206,11 @@ _SOURCE_KEYS = (
     "num_classes",
     "reduce_zero_label",
     "pet_boundary_as_ignore",
+    "hf_path",
+    "hf_name",
+    "hf_image_column",
+    "hf_label_column",
+    "hf_id2label_file",
 )
 
 

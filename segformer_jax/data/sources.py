@@ -34,6 +34,15 @@ Sources (``data_config.name``):
     / ``test`` (3,669).
 ``folder``
     A user's images/ + masks/ folder (:mod:`segformer_jax.data.folder`).
+``hf``
+    A Hugging Face ``datasets`` dataset: ``hf_path`` is a Hub id, a ``save_to_disk``
+    directory, a local data folder (imagefolder, parquet files) or a ``.parquet`` file;
+    ``hf_image_column`` / ``hf_label_column`` (default ``image`` / ``label``) hold the
+    image and its integer class-id mask of the same size (an L / P image or a 2-D
+    integer array); class names from ``hf_id2label_file`` (id2label.json or one name a
+    line), else a ClassLabel feature of the label column, else ``num_classes``. Splits
+    ``train`` / ``validation`` unless ``train_split`` / ``eval_split``. Records are row
+    indices, so shuffling, resuming and per-host sharding are those of the other sources.
 """
 
 from __future__ import annotations
@@ -526,6 +535,191 @@ def _folder_source(cfg, rzl: bool) -> Source:
     )
 
 
+# --------------------------------------------------------------------- Hugging Face datasets
+
+
+class HFDatasetError(ValueError):
+    """A Hugging Face dataset that cannot feed segmentation training (columns, labels, splits)."""
+
+
+def _load_hf_split(path: str, name: str, split: str):
+    """One split of a Hub id, a save_to_disk directory, a local data folder (imagefolder, parquet...)
+    or a .parquet file, as a datasets.Dataset (memory-mapped Arrow; rows decoded on access)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError("data.name='hf' needs the datasets package: pip install -e '.[hf]'") from None
+    expanded = os.path.expanduser(path)
+    if os.path.isdir(expanded) and (
+        os.path.isfile(os.path.join(expanded, "dataset_dict.json"))
+        or os.path.isfile(os.path.join(expanded, "state.json"))
+    ):
+        loaded = datasets.load_from_disk(expanded)
+    elif os.path.isfile(expanded) and expanded.endswith(".parquet"):
+        loaded = datasets.load_dataset("parquet", data_files={"train": expanded})
+    else:
+        try:
+            loaded = datasets.load_dataset(expanded if os.path.exists(expanded) else path, name or None)
+        except FileNotFoundError as e:
+            raise DataNotFoundError(
+                f"data.hf_path={path!r}: not a local dataset (save_to_disk directory, data folder, .parquet file) "
+                f"and not loadable as a Hugging Face Hub dataset ({e}); offline (HF_HUB_OFFLINE=1 / "
+                "HF_DATASETS_OFFLINE=1) only cached datasets load"
+            ) from None
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    if split not in loaded:
+        raise HFDatasetError(f"data.hf_path={path!r} has no split {split!r}; it has {sorted(loaded)}")
+    return loaded[split]
+
+
+def _class_label_names(feature):
+    """Names of a ClassLabel feature, also nested (Sequence / List of ClassLabel masks)."""
+    while feature is not None:
+        if hasattr(feature, "names") and getattr(feature, "names", None):
+            return tuple(feature.names)
+        feature = getattr(feature, "feature", None)
+    return None
+
+
+def _read_id2label_file(path: str) -> tuple[str, ...]:
+    import json
+
+    with open(os.path.expanduser(path)) as f:
+        text = f.read()
+    if path.endswith(".json"):
+        table = {int(k): str(v) for k, v in json.loads(text).items()}
+        if sorted(table) != list(range(len(table))):
+            raise HFDatasetError(f"{path}: id2label ids must be 0..n-1, got {sorted(table)[:10]}...")
+        return tuple(table[i] for i in range(len(table)))
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _as_array(value, what: str, index: int, column: str) -> np.ndarray:
+    if value is None:
+        raise HFDatasetError(f"row {index}: column {column!r} is empty")
+    if hasattr(value, "mode"):  # PIL image
+        mode = value.mode
+        if what == "image":
+            return np.asarray(value.convert("RGB"))
+        arr = np.asarray(value)
+        if mode in ("RGB", "RGBA"):
+            if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
+                raise HFDatasetError(
+                    f"row {index}: label column {column!r} holds a colour ({mode}) image; labels must be "
+                    "integer class-id masks (grayscale L / palette P images or 2-D integer arrays)"
+                )
+            arr = arr[..., 0]
+        return arr
+    return np.asarray(value)
+
+
+def _hf_source(cfg, rzl: bool) -> Source:
+    path = cfg.get("hf_path", "") or ""
+    if not path:
+        raise HFDatasetError(
+            "data.name='hf' needs data.hf_path: a Hugging Face Hub dataset id, a directory written by "
+            "Dataset(Dict).save_to_disk, or a local imagefolder / parquet path"
+        )
+    name = cfg.get("hf_name", "") or ""
+    image_col = cfg.get("hf_image_column", "") or "image"
+    label_col = cfg.get("hf_label_column", "") or "label"
+    train_split = cfg.get("train_split", "") or "train"
+    eval_split = cfg.get("eval_split", "") or "validation"
+    splits: dict = {}
+
+    def get_split(split: str):
+        if split not in splits:
+            ds = _load_hf_split(path, name, split)
+            missing = [c for c in (image_col, label_col) if c not in ds.column_names]
+            if missing:
+                raise HFDatasetError(
+                    f"data.hf_path={path!r} split {split!r} has no column(s) {missing}; its columns are "
+                    f"{ds.column_names}: set data.hf_image_column / data.hf_label_column"
+                )
+            splits[split] = ds
+        return splits[split]
+
+    def load_row(index: int):
+        ds = get_split(_current[index[0]])
+        row = ds[int(index[1])]
+        image = _as_array(row[image_col], "image", int(index[1]), image_col)
+        label = _as_array(row[label_col], "label", int(index[1]), label_col)
+        if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+            raise HFDatasetError(
+                f"row {int(index[1])}: {image_col!r} is not an RGB image ({image.shape}, {image.dtype})"
+            )
+        if label.ndim == 3 and label.shape[-1] == 1:
+            label = label[..., 0]
+        if label.ndim != 2 or not np.issubdtype(label.dtype, np.integer) and label.dtype != np.bool_:
+            raise HFDatasetError(
+                f"row {int(index[1])}: label column {label_col!r} is {label.dtype} of shape {label.shape}; it must "
+                "be an integer class-id mask [H, W] (an L / P image or a 2-D integer array)"
+            )
+        if label.shape != image.shape[:2]:
+            raise HFDatasetError(
+                f"row {int(index[1])}: label {label_col!r} is {label.shape[0]}x{label.shape[1]} but image "
+                f"{image_col!r} is {image.shape[0]}x{image.shape[1]}; masks must be the image's size"
+            )
+        if label.size and (label.min() < 0 or label.max() > 255):
+            raise HFDatasetError(
+                f"row {int(index[1])}: label ids outside 0..255 (min {label.min()}, max {label.max()}); "
+                "class ids are 0..num_classes-1, 255 = ignore"
+            )
+        return image, label.astype(np.uint8)
+
+    _current: list[str] = []  # split names by the integer stored in records (tf.data cannot hold strings cheaply)
+
+    def split_id(split: str) -> int:
+        if split not in _current:
+            _current.append(split)
+        return _current.index(split)
+
+    train = get_split(train_split)
+    id2label_file = cfg.get("hf_id2label_file", "") or cfg.get("class_names_file", "") or ""
+    class_names = _read_id2label_file(id2label_file) if id2label_file else _class_label_names(train.features[label_col])
+    if class_names is None:
+        n = int(cfg.get("num_classes", 0) or 0)
+        if not n:
+            raise HFDatasetError(
+                f"data.hf_path={path!r}: the class names are not in the dataset's features (column {label_col!r} "
+                f"is {type(train.features[label_col]).__name__}); give data.hf_id2label_file (id2label.json or one "
+                "name per line) or data.num_classes"
+            )
+        class_names = tuple(f"class_{i}" for i in range(n))
+    if rzl and id2label_file == "" and _class_label_names(train.features[label_col]) is not None:
+        class_names = class_names[1:]  # the dataset names id 0 (background / other), which becomes ignore
+    load_row((split_id(train_split), 0)) if len(train) else None  # the first row: clear errors before training
+    num_classes = len(class_names)
+
+    def records(split: str) -> tf.data.Dataset:
+        n = len(get_split(split))
+        sid = split_id(split)
+        return tf.data.Dataset.range(n).map(lambda i: {"index": tf.stack([tf.constant(sid, tf.int64), i])})
+
+    def decode(record):
+        image, label = tf.numpy_function(
+            lambda idx: load_row(tuple(idx)), [record["index"]], [tf.uint8, tf.uint8], stateful=False
+        )
+        image = tf.ensure_shape(image, [None, None, 3])
+        label = tf.ensure_shape(label, [None, None])
+        if rzl:
+            label = reduce_zero_label(label)
+        label = tf.where(label >= num_classes, tf.constant(IGNORE_INDEX, tf.uint8), label)
+        return image, label
+
+    return Source(
+        name="hf",
+        class_names=tuple(class_names),
+        palette=make_palette(num_classes),
+        train_split=train_split,
+        eval_split=eval_split,
+        records=records,
+        decode=decode,
+        num_examples=lambda split: len(get_split(split)),
+    )
+
+
 # -------------------------------------------------------------------------- factory
 
 DEFAULT_REDUCE_ZERO_LABEL = {
@@ -534,6 +728,7 @@ DEFAULT_REDUCE_ZERO_LABEL = {
     "cityscapes": False,
     "oxford_iiit_pet": False,
     "folder": False,
+    "hf": False,
 }
 
 
@@ -554,6 +749,8 @@ def get_source(cfg) -> Source:
 
     if name == "folder":
         src = _folder_source(cfg, rzl)
+    elif name == "hf":
+        src = _hf_source(cfg, rzl)
     elif name == "synthetic_shapes":
         config = tfds_config or "default"
         if cfg.get("auto_prepare", True):
