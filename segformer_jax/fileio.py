@@ -61,6 +61,13 @@ def atomic_directory(out_dir: str | os.PathLike, *, overwrite: bool = False):
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
         yield staging
+        # Some writers create their files 0600 whatever the umask (safetensors' save_file does): give
+        # everything in the folder the permissions of an ordinary write.
+        for parent, dirs, files in os.walk(staging):
+            for name in dirs:
+                _ordinary_permissions(os.path.join(parent, name), directory=True)
+            for name in files:
+                _ordinary_permissions(os.path.join(parent, name), directory=False)
         _ordinary_permissions(staging, directory=True)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir) if os.path.isdir(out_dir) else os.remove(out_dir)
