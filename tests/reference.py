@@ -57,11 +57,18 @@ def perturb_norms(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 @torch.no_grad()
-def perturb_weights(model: torch.nn.Module, seed: int = 0, std: float = INITIALIZER_RANGE) -> None:
+def perturb_weights(
+    model: torch.nn.Module, seed: int = 0, std: float = INITIALIZER_RANGE, linear_gain: float | None = None
+) -> None:
     """Random biases of every Linear / Conv (HF initialises them to 0), sharper queries, and the
-    small-variance LayerNorm input of the second stage (see the module docstring)."""
+    small-variance LayerNorm input of the second stage (see the module docstring). linear_gain: redraw
+    every Linear weight with std linear_gain / sqrt(fan_in) (the wide presets: a flat 0.3 there makes
+    attention scores of ~30 and the network chaotic, float32 noise amplified to 0.1-1 in the logits)."""
     g = torch.Generator().manual_seed(seed + 1)
     for name, module in model.named_modules():
+        if linear_gain is not None and isinstance(module, torch.nn.Linear):
+            fan_in = module.weight.shape[1]
+            module.weight.copy_(linear_gain / fan_in**0.5 * torch.randn(module.weight.shape, generator=g))
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and module.bias is not None:
             module.bias.copy_(std * torch.randn(module.bias.shape, generator=g))
         if name.endswith("attention.q_proj"):
@@ -91,13 +98,14 @@ def build_reference(
     seed: int = 0,
     image_size=(64, 64),
     initializer_range: float = INITIALIZER_RANGE,
+    linear_gain: float | None = None,
     check: bool = True,
     **config_kwargs,
 ) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = cls(hf_config(num_labels, initializer_range=initializer_range, **config_kwargs)).eval()
     perturb_norms(model, seed)
-    perturb_weights(model, seed)
+    perturb_weights(model, seed, linear_gain=linear_gain)
     x = torch.from_numpy(images(1, *image_size, seed=seed + 100, layout="NCHW"))
     scale_logits(model, x)
     if check:

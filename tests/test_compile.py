@@ -12,7 +12,6 @@ import pytest
 from jax._src import monitoring
 
 from segformer_jax import SegformerConfig, SegformerForSemanticSegmentation
-from segformer_jax.models import kernels
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 TINY = dict(
@@ -60,44 +59,56 @@ def test_forward_compiles_once_per_shape(tiny):
     assert c["n"] == 2, f"{c['n']} compilations for 2 distinct shapes"
 
 
-def test_train_step_compiles_once(tiny):
-    import optax
+def _tiny_training_config():
+    import importlib.util
+    import os
 
-    model, variables = tiny
-    tx = optax.adamw(1e-3, weight_decay=0.01)
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")
+    spec = importlib.util.spec_from_file_location("test_compile_default_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("tiny")  # the tiny model train.py runs in the tests: dropout and drop path on
+    config.optimizer.grad_clip_norm = 1.0  # clipping and accumulation in the program too
+    config.optimizer.grad_accum_steps = 2
+    return config
 
-    def step(state, x, y, base_key):
-        params, batch_stats, opt_state, i = state
 
-        def loss_fn(p):
-            logits, mut = model.apply(
-                {"params": p, "batch_stats": batch_stats},
-                x,
-                train=True,
-                rngs={"dropout": jax.random.fold_in(base_key, i)},
-                mutable=["batch_stats"],
-            )
-            return kernels.upsampled_cross_entropy(logits, y), mut["batch_stats"]
+def test_real_train_step_compiles_once_and_donates(tiny):
+    """`training.build_training`'s step, as train.py runs it: sharded over the 'data' mesh, state donated,
+    dropout rng folded with the step. The first call compiles it; further steps (fresh host batches, the
+    state the previous step returned, accumulation and update steps alike) compile nothing."""
+    from segformer_jax import training
 
-        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), stats, opt_state, i + 1), loss
-
-    jstep = jax.jit(step, donate_argnums=0)
-    params = jax.tree.map(jnp.copy, variables["params"])
-    state = (params, jax.tree.map(jnp.copy, variables["batch_stats"]), tx.init(params), jnp.zeros((), jnp.int32))
-    key = jax.random.key(0, impl="rbg")
+    config = _tiny_training_config()
+    class_names = ["a", "b", "c", "d", "e"]
+    model, pretrained = training.build_model(config, class_names)
+    setup = training.build_training(config, model, pretrained, num_classes=len(class_names))
+    state = setup.init_state()
     rng = np.random.default_rng(0)
-    with count_compiles() as c:
-        losses = []
-        for _ in range(4):  # fresh host batches each step, as a data loader gives them
-            x = rng.normal(size=(2, 64, 64, 3)).astype(np.float32)
-            y = rng.integers(0, 5, size=(2, 64, 64)).astype(np.int32)
-            state, loss = jstep(state, x, y, key)
-            losses.append(float(loss))
-    assert jstep._cache_size() == 1
-    assert c["n"] == 1, f"{c['n']} compilations over 4 steps"
-    assert all(np.isfinite(losses))
+    h, w = config.data.crop_size
+
+    def batch():
+        return training.shard_batch(
+            {
+                "image": rng.normal(size=(2, h, w, 3)).astype(np.float32),
+                "label": rng.integers(0, 5, size=(2, h, w)).astype(np.int32),
+            },
+            setup.batch_sharding,
+        )
+
+    batches = [batch() for _ in range(5)]  # put on the devices before counting
+    counts, losses = [], []
+    for b in batches:
+        old = state
+        with count_compiles() as c:
+            state, metrics = setup.train_step(state, b, setup.train_rng)
+            losses.append(float(metrics["loss"]))
+        counts.append(c["n"])
+        assert all(x.is_deleted() for x in jax.tree_util.tree_leaves(old.params)), "state not donated"
+    assert counts[0] >= 1, counts  # the step's program (counting works)
+    assert counts[1:] == [0, 0, 0, 0], counts
+    assert int(state.step) == 5 and all(np.isfinite(losses))
+    assert setup.train_step._cache_size() == 1
 
 
 def test_train_compiler_options_drop_what_this_xla_does_not_know(monkeypatch):

@@ -1,7 +1,8 @@
 """NVlabs / mmseg original checkpoints: key renaming, attn.kv split, linear_c order, eps, loud errors.
 
-The original-format state dict is built from a Hugging Face reference model (random init, every norm
-perturbed) with `weights_convert.nvlabs.hf_to_nvlabs`, saved the way mmseg saves it (nested under
+The original-format state dict is built from the shared Hugging Face reference model
+(tests/reference.py: every branch moves the logits at O(1), distinct q/k/v weights and biases) with
+`weights_convert.nvlabs.hf_to_nvlabs`, saved the way mmseg saves it (nested under
 `state_dict`, `backbone.` prefix, the unused `decode_head.conv_seg`), and loaded through
 `from_pretrained(bare .pth, config=...)`."""
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from reference import perturb_norms
+from reference import build_reference, expect_logits
 
 import segformer_jax as sj  # noqa: E402
 from weights_convert import mapping, nvlabs  # noqa: E402
@@ -24,17 +25,6 @@ TINY = dict(
     decoder_hidden_size=16,
     num_labels=5,
 )
-
-
-def _perturb_norms(model, seed=0):
-    perturb_norms(model, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        # Distinct biases for q/k/v so a key/value swap in the kv split cannot pass unnoticed.
-        for name, p in model.named_parameters():
-            if name.endswith("bias") and p.ndim == 1:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def _torch_state(model):
@@ -51,18 +41,23 @@ def _images(shape=(2, 64, 96, 3), seed=0):
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
+_REFERENCES = {}
+
+
 def _hf_seg(eps_nvlabs=False):
-    model = transformers.SegformerForSemanticSegmentation(transformers.SegformerConfig(**TINY))
-    model = _perturb_norms(model)
-    if eps_nvlabs:  # the NVlabs original: 1e-6 in block and stage norms, 1e-5 in patch-embed / sr norms
-        for name, mod in model.named_modules():
-            if (
-                isinstance(mod, torch.nn.LayerNorm)
-                and "patch_embeddings" not in name
-                and "sequence_reduction" not in name
-            ):
-                mod.eps = 1e-6
-    return model
+    """The shared reference (built once per flavour; tests must not modify it)."""
+    if eps_nvlabs not in _REFERENCES:
+        model = build_reference(**TINY)
+        if eps_nvlabs:  # the NVlabs original: 1e-6 in block and stage norms, 1e-5 in patch-embed / sr norms
+            for name, mod in model.named_modules():
+                if (
+                    isinstance(mod, torch.nn.LayerNorm)
+                    and "patch_embeddings" not in name
+                    and "sequence_reduction" not in name
+                ):
+                    mod.eps = 1e-6
+        _REFERENCES[eps_nvlabs] = model
+    return _REFERENCES[eps_nvlabs]
 
 
 _APPLY = {}
@@ -74,11 +69,6 @@ def _apply(model, variables, images):
 
     fn = _APPLY.setdefault(model, jax.jit(model.apply))
     return np.asarray(fn(variables, images))
-
-
-def _torch_logits(model, images):
-    with torch.no_grad():
-        return model(torch.from_numpy(images.transpose(0, 3, 1, 2))).logits.numpy().transpose(0, 2, 3, 1)
 
 
 def test_detect_and_rename_segmentation_keys():
@@ -119,14 +109,16 @@ def test_segmentation_checkpoint_logits_match_reference(tmp_path, source_format)
         path, config=sj.SegformerConfig(**TINY), source_format=source_format, layer_norm_eps=1e-5
     )
     images = _images()
-    ours = _apply(model, variables, images)
-    np.testing.assert_allclose(ours, _torch_logits(ref, images), atol=1e-4, rtol=0)
+    expect_logits(ref, images).assert_matches(_apply(model, variables, images), "NVlabs segmentation logits")
 
 
 def test_nvlabs_source_defaults_to_eps_1e6(tmp_path):
-    ref = _hf_seg(eps_nvlabs=True)
+    import copy
+
+    ref = copy.deepcopy(_hf_seg(eps_nvlabs=True))
     # Tiny patch-embed outputs (variance ~1e-6): the patch-embed norms' epsilon (1e-5 in NVlabs, unlike
-    # the block/stage norms' 1e-6) then changes the logits by far more than the tolerance.
+    # the block/stage norms' 1e-6) then changes the logits by far more than the tolerance. The block
+    # norms' epsilon matters through the reference's small-variance input of stage 2's first block.
     with torch.no_grad():
         for stage in ref.segformer.stages:
             stage.patch_embeddings.proj.weight.mul_(1e-3)
@@ -136,12 +128,18 @@ def test_nvlabs_source_defaults_to_eps_1e6(tmp_path):
     assert model.config.layer_norm_eps == 1e-6
     assert model.config.embedding_layer_norm_eps == 1e-5
     images = _images(seed=1)
-    np.testing.assert_allclose(_apply(model, variables, images), _torch_logits(ref, images), atol=1e-4)
+    want = expect_logits(ref, images)
+    want.assert_matches(_apply(model, variables, images), "NVlabs eps 1e-6")
+    # The layers use the config's epsilons: either one left at the other value fails the same check.
+    for wrong in (dict(layer_norm_eps=1e-5), dict(embedding_layer_norm_eps=1e-6)):
+        wrong_model = sj.SegformerForSemanticSegmentation(model.config.replace(**wrong))
+        err = want.error(_apply(wrong_model, variables, images))
+        print(f"NVlabs eps: {wrong} moves the logits by {err:.2e} (tolerance {want.tolerance:.1e})")
+        assert err > 10 * want.tolerance, (wrong, err)
 
 
 def test_imagenet_mit_checkpoint(tmp_path):
-    ref = transformers.SegformerForImageClassification(transformers.SegformerConfig(**{**TINY, "num_labels": 7}))
-    ref = _perturb_norms(ref)
+    ref = build_reference(transformers.SegformerForImageClassification, **{**TINY, "num_labels": 7})
     state = nvlabs.hf_to_nvlabs(_torch_state(ref), backbone_prefix="")
     assert "head.weight" in state and "patch_embed1.proj.weight" in state and "block1.0.attn.kv.bias" in state
     path = _save_pth(state, tmp_path / "mit_tiny.pth", nest=False)
@@ -150,9 +148,7 @@ def test_imagenet_mit_checkpoint(tmp_path):
         path, config=cfg, architecture="SegformerForImageClassification", layer_norm_eps=1e-5
     )
     images = _images((2, 64, 64, 3))
-    with torch.no_grad():
-        want = ref(torch.from_numpy(images.transpose(0, 3, 1, 2))).logits.numpy()
-    np.testing.assert_allclose(_apply(model, variables, images), want, atol=1e-4)
+    expect_logits(ref, images).assert_matches(_apply(model, variables, images), "ImageNet MiT logits")
     # The same encoder file fits a segmentation model's encoder (the decode head is then fresh, the
     # ImageNet head unused); checked on the key level (from_pretrained would also compile model.init).
     from segformer_jax.pretrained import variable_shapes
