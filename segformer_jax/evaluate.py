@@ -43,6 +43,12 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, its checkpoints/ dir, or a model dir.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of a workdir (default: latest).")
+_DTYPE = flags.DEFINE_enum(
+    "dtype",
+    None,
+    ["float32", "bfloat16"],
+    "Compute dtype (default: a checkpoint's training dtype, else float32; float32 is exact to transformers).",
+)
 _BEST = flags.DEFINE_bool("best", False, "Use the workdir checkpoint with the best recorded mIoU.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results (per-class table included) to this JSON file.")
 _PROTOCOL = flags.DEFINE_enum(
@@ -77,8 +83,9 @@ def _checkpoint_dir(path: str) -> str | None:
     return None
 
 
-def load_model(path: str, *, step: int | None = None, best: bool = False):
-    """-> (model, variables, description) from a workdir checkpoint or a from_pretrained directory."""
+def load_model(path: str, *, step: int | None = None, best: bool = False, dtype: str | None = None):
+    """-> (model, variables, description) from a workdir checkpoint or a from_pretrained directory.
+    dtype: compute dtype ('float32' / 'bfloat16'); None: a checkpoint's training dtype, else float32."""
     import jax
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
@@ -92,7 +99,7 @@ def load_model(path: str, *, step: int | None = None, best: bool = False):
     if os.path.isfile(os.path.join(path, "config.json")) and _checkpoint_dir(path) is None:
         from segformer_jax.pretrained import from_pretrained
 
-        model, variables = from_pretrained(path)
+        model, variables = from_pretrained(path, dtype=dtype or "float32")
         return model, variables, path
     ckpt_dir = _checkpoint_dir(path)
     if ckpt_dir is None:
@@ -122,8 +129,9 @@ def load_model(path: str, *, step: int | None = None, best: bool = False):
 
     state = restore_state_here(os.path.join(ckpt_dir, str(step)))  # also checkpoints of multi-host runs
     config = SegformerConfig.from_hf_dict(meta["model_config"], source=f"{ckpt_dir}/{step}")
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[meta.get("model_dtype", "float32")]
-    model = SegformerForSemanticSegmentation(config, dtype=dtype)
+    from segformer_jax.models.kernels import compute_dtype
+
+    model = SegformerForSemanticSegmentation(config, dtype=compute_dtype(dtype or meta.get("model_dtype", "float32")))
     variables = jax.tree_util.tree_map(jnp.asarray, {"params": state["params"], "batch_stats": state["batch_stats"]})
     return model, variables, f"{ckpt_dir}/{step}"
 
@@ -319,7 +327,7 @@ def main(argv):
     enable_compilation_cache(_CACHE.value)
     training.maybe_initialize_distributed(config)
     try:
-        model, variables, source = load_model(_CHECKPOINT.value, step=_STEP.value, best=_BEST.value)
+        model, variables, source = load_model(_CHECKPOINT.value, step=_STEP.value, best=_BEST.value, dtype=_DTYPE.value)
         results = evaluate_model(config, model, variables, protocol=_PROTOCOL.value, ratios=ratios, flip=_FLIP.value)
     except (EvaluationError, DataNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -184,17 +184,17 @@ def binary_apply(apply_fn, threshold: float = 0.5):
     return apply
 
 
-def load_model(path: str | os.PathLike):
+def load_model(path: str | os.PathLike, dtype: str = "float32"):
     """-> (model, apply_fn, variables) from a from_pretrained directory or an int8 checkpoint
-    written by `segformer_jax.deploy.quantize.save_quantized`."""
+    written by `segformer_jax.deploy.quantize.save_quantized`; `dtype`: the compute dtype."""
     from segformer_jax.deploy import quantize
 
     if quantize.is_quantized(path):
-        model, qvariables = quantize.load_quantized(path)
+        model, qvariables = quantize.load_quantized(path, dtype=dtype)
         return model, quantize.quantized_apply(model), qvariables
     from segformer_jax.pretrained import from_pretrained
 
-    model, variables = from_pretrained(path)
+    model, variables = from_pretrained(path, dtype=dtype)
     return model, model.apply, variables
 
 
@@ -223,6 +223,7 @@ def predict(
     progress: bool = True,
     chunk_images: int = 16,
     threshold: float = 0.5,
+    dtype: str = "float32",
 ) -> PredictResult:
     """Segment `inputs` (files, folders, globs) and write label PNGs + overlays into `out_dir`.
 
@@ -232,6 +233,8 @@ def predict(
     config: whole / slide, resize scale, TTA ratios and flip, crop/stride, bucket.
     threshold: binary models (one logit channel): foreground (1) where sigmoid(logit) > threshold; a
         `forward` given for such a model must be built on `binary_apply`.
+    dtype: compute dtype of a model loaded from a directory: 'float32' (exact) or 'bfloat16' (bfloat16
+        matmuls and convs with float32 accumulation; see README, Speed).
     Returns a PredictResult (written files, failures with messages, compilations, seconds).
     Raises before any model work if no image is found or out_dir cannot be written."""
     start = time.perf_counter()
@@ -246,7 +249,7 @@ def predict(
             "inputs; choose another output folder"
         )
     if isinstance(model, (str, os.PathLike)):
-        model, apply_fn, variables = load_model(model)
+        model, apply_fn, variables = load_model(model, dtype)
     elif variables is None and forward is None:
         raise ValueError("predict: pass a model directory, or a Flax model with variables=")
     if forward is None:
@@ -392,6 +395,12 @@ def _parser() -> argparse.ArgumentParser:
         "--bucket", default="32", help="pad tiles to multiples of this (fewer compilations); 'none': exact sizes"
     )
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="compute dtype: float32 (exact to transformers) or bfloat16 (matmuls in bfloat16, float32 accumulation)",
+    )
     p.add_argument("--palette", default="auto", help="auto | ade20k | cityscapes | generated")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colours")
     p.add_argument(
@@ -462,6 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overlay=not args.no_overlay,
             threshold=args.threshold,
             progress=not args.quiet,
+            dtype=args.dtype,
         )
     except (FileNotFoundError, OutputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -20,6 +20,7 @@ import numpy as np
 
 from segformer_jax.fileio import atomic_directory
 from segformer_jax.models.config import HF_LAYER_NORM_EPS, ConfigError, SegformerConfig
+from segformer_jax.models.kernels import compute_dtype
 from segformer_jax.models.model import ARCHITECTURES, architecture_name
 from segformer_jax.xla_options import init_compiler_options
 
@@ -328,7 +329,7 @@ def from_pretrained(
     architecture = architecture or "SegformerForSemanticSegmentation"
     if architecture not in ARCHITECTURES:
         raise ConfigError(f"architecture={architecture!r}; choose one of {sorted(ARCHITECTURES)}")
-    model = ARCHITECTURES[architecture](target_config, dtype=dtype)
+    model = ARCHITECTURES[architecture](target_config, dtype=compute_dtype(dtype))
 
     has_decode_head = any(k.startswith("decode_head.") for k in state)
     has_classifier = any(k.startswith("classifier.") for k in state)

@@ -162,7 +162,7 @@ def save_quantized(model, qvariables: Mapping[str, Any], out_dir: str | os.PathL
     return os.path.abspath(os.fspath(out_dir))
 
 
-def load_quantized(path: str | os.PathLike, *, dequantize: bool = False, config=None):
+def load_quantized(path: str | os.PathLike, *, dequantize: bool = False, config=None, dtype="float32"):
     """-> (model, qvariables) (int8 kernels; apply with quantized_apply), or with dequantize=True
     (model, float32 variables) for code that wants plain variables."""
     from safetensors.numpy import load_file
@@ -184,7 +184,9 @@ def load_quantized(path: str | os.PathLike, *, dequantize: bool = False, config=
         config = SegformerConfig.from_json_file(config_path)
         with open(config_path) as f:
             arch = (json.load(f).get("architectures") or [arch])[0]
-    model = ARCHITECTURES[arch](config)
+    from segformer_jax.models.kernels import compute_dtype
+
+    model = ARCHITECTURES[arch](config, dtype=compute_dtype(dtype))
     qvariables = _unflatten(load_file(weights))
     try:
         _check_fits(model, _shapes_of(qvariables))

@@ -55,16 +55,17 @@ class BatchNorm(nn.Module):
         else:
             mean, var = running_mean.value, running_var.value
         mul = scale * jax.lax.rsqrt(var + self.epsilon)
-        y = x * mul.astype(self.dtype) + (bias - mean * mul).astype(self.dtype)
-        return y.astype(self.dtype)
+        dt = kernels.activation_dtype(self.dtype)
+        y = x.astype(dt) * mul.astype(dt) + (bias - mean * mul).astype(dt)
+        return y
 
 
-def _pixels_matmul(x, kernel):
-    """x (..., C_in) @ kernel (C_in, C_out) as one 2D matmul over all pixels. Written on the 4D array,
-    the kernel gradient's contraction runs over three axes, and XLA:CPU then wrote the incoming
-    gradient out transposed, (C_out, pixels), before the matmul: at b0 512x512 batch 2 that copy
-    (32768 x 256 floats, in the BatchNorm backward) took 80-107 ms of a ~2.2 s training step."""
-    return (x.reshape(-1, x.shape[-1]) @ kernel).reshape(*x.shape[:-1], kernel.shape[-1])
+def _pixels_matmul(x, kernel, compute_dtype=jnp.float32):
+    """x (..., C_in) @ kernel (C_in, C_out) as one 2D matmul over all pixels (`kernels.matmul`). Written
+    on the 4D array, the kernel gradient's contraction runs over three axes, and XLA:CPU then wrote the
+    incoming gradient out transposed, (C_out, pixels), before the matmul: at b0 512x512 batch 2 that
+    copy (32768 x 256 floats, in the BatchNorm backward) took 80-107 ms of a ~2.2 s training step."""
+    return kernels.matmul(x, kernel, compute_dtype)
 
 
 class Conv1x1(nn.Module):
@@ -81,9 +82,8 @@ class Conv1x1(nn.Module):
     def __call__(self, x):
         kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = _pixels_matmul(x, kernel[0, 0])
-        return y if bias is None else y + bias
+        y = _pixels_matmul(x, kernel[0, 0], self.dtype)
+        return y if bias is None else y + bias.astype(y.dtype)
 
 
 class MLP(nn.Module):
@@ -168,8 +168,8 @@ class DecodeHead(nn.Module):
             proj = params[f"linear_c_{i}"]["proj"]
             kernel = proj["kernel"] @ block  # (C_i, d): projection folded into fuse
             bias = proj["bias"] @ block
-            f, kernel, bias = nn.dtypes.promote_dtype(f, kernel, bias, dtype=self.dtype)
-            y = _pixels_matmul(f, kernel) + bias
+            y = _pixels_matmul(f, kernel, self.dtype)
+            y = y + bias.astype(y.dtype)
             y = upsample(y, i) if period is None else kernels.upsample_to_column_phases(y, size, period)
             out = y if out is None else out + y
         return out

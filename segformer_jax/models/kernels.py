@@ -12,6 +12,10 @@ rounding); tests/test_kernels.py checks values and gradients against the plain J
     upsample_columns_phased   the same along W, in column-phase order (to_column_phases)
     upsampled_cross_entropy   bilinear upsample of logits + softmax CE with ignore index, whose
                               VJP recomputes the full-resolution softmax instead of storing it
+    matmul, conv, activation_dtype
+                              the precision policy: with a reduced compute dtype (bfloat16), matmuls
+                              and convs take it as input and accumulate in float32; activations
+                              between them are float32 on CPU, the compute dtype on accelerators
 """
 
 from __future__ import annotations
@@ -22,6 +26,94 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# ----------------------------------------------------------------------------- precision policy
+
+REDUCED_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def is_reduced(dtype) -> bool:
+    return any(jnp.dtype(dtype) == jnp.dtype(d) for d in REDUCED_DTYPES)
+
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_SLOW_BF16_WARNED = []
+
+
+def _cpu_has_bf16_matmul() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return True  # unknown: do not warn
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def compute_dtype(dtype):
+    """A model's compute dtype from a name ('float32', 'bfloat16') or a dtype; a clear error otherwise.
+    bfloat16 on a CPU without bfloat16 matmul units (AMX / AVX-512-BF16) works but is slower than
+    float32 there: said once."""
+    if isinstance(dtype, str):
+        if dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype={dtype!r}; choose one of {sorted(COMPUTE_DTYPES)}")
+        dtype = COMPUTE_DTYPES[dtype]
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        raise ValueError(f"dtype={dtype!r}; choose one of {sorted(COMPUTE_DTYPES)}") from None
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"dtype={name!r}; choose one of {sorted(COMPUTE_DTYPES)}")
+    if name == "bfloat16" and jax.default_backend() == "cpu" and not _SLOW_BF16_WARNED:
+        _SLOW_BF16_WARNED.append(True)
+        if not _cpu_has_bf16_matmul():
+            import logging
+
+            logging.getLogger("segformer_jax").warning(
+                "bfloat16 on this CPU (no AMX / AVX-512-BF16): the matmuls are emulated and run slower than "
+                "float32; it still computes in bfloat16 as asked"
+            )
+    return COMPUTE_DTYPES[name]
+
+
+def activation_dtype(compute_dtype):
+    """The dtype of activations between matmuls for a model computing in `compute_dtype`.
+
+    float32 on CPU even in bfloat16 mode: XLA:CPU runs bfloat16 elementwise work (LayerNorm, GELU,
+    the depthwise conv's multiply-adds, softmax, upsampling) by converting every element to float32
+    and back, so bfloat16 activations cost more than they save there, while AMX / AVX-512-BF16 make
+    the matmuls themselves ~4.5x faster in bfloat16. On GPU / TPU bfloat16 activations are the native
+    form (half the memory traffic)."""
+    if not is_reduced(compute_dtype) or jax.default_backend() != "cpu":
+        return compute_dtype
+    return jnp.float32
+
+
+def matmul(x, w, compute_dtype, out_dtype=None):
+    """x (..., K) @ w (K, N) as one 2D matmul over all leading axes. In a reduced compute dtype both
+    operands are cast to it and the products accumulate in float32; the result is `out_dtype`
+    (default: the activation dtype)."""
+    out_dtype = activation_dtype(compute_dtype) if out_dtype is None else out_dtype
+    x2 = x.reshape(-1, x.shape[-1])
+    if is_reduced(compute_dtype):
+        y = jnp.dot(x2.astype(compute_dtype), w.astype(compute_dtype), preferred_element_type=jnp.float32)
+    else:
+        y = x2.astype(compute_dtype) @ w.astype(compute_dtype)
+    return y.astype(out_dtype).reshape(*x.shape[:-1], w.shape[-1])
+
+
+def conv(x, kernel, compute_dtype, *, strides, padding):
+    """NHWC x HWIO convolution; in a reduced compute dtype with float32 accumulation (as `matmul`)."""
+    reduced = is_reduced(compute_dtype)
+    y = jax.lax.conv_general_dilated(
+        x.astype(compute_dtype),
+        kernel.astype(compute_dtype),
+        window_strides=strides,
+        padding=padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        preferred_element_type=jnp.float32 if reduced else None,
+    )
+    return y.astype(activation_dtype(compute_dtype))
+
 
 # ----------------------------------------------------------------------------- layer norm
 
@@ -136,13 +228,15 @@ def _heads_first(x):
 def _attention_parts(q, k, v, probs_fn=None, key_mask=None):
     """Heads-first q, k, v -> heads-first output and the probabilities (B, heads, N, M). key_mask:
     (B, M) bool, False for keys that take no part (the padding of a padded image)."""
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q, _over_sqrt_head_dim(k)).astype(jnp.float32)
+    # Reduced-precision q, k, v: products accumulate in float32 (the softmax is float32 anyway).
+    f32 = jnp.float32 if is_reduced(q.dtype) else None
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, _over_sqrt_head_dim(k), preferred_element_type=f32).astype(jnp.float32)
     if key_mask is not None:
         scores = jnp.where(key_mask[:, None, None, :], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     if probs_fn is not None:
         probs = probs_fn(probs)
-    return jnp.einsum("bhqk,bhkd->bhqd", probs, v), probs
+    return jnp.einsum("bhqk,bhkd->bhqd", probs, v, preferred_element_type=f32).astype(q.dtype), probs
 
 
 @jax.custom_vjp
@@ -178,13 +272,14 @@ def _attention_fwd(q, k, v):
 def _attention_bwd(res, g):
     q, k, v, probs, out = res  # heads first
     g = _heads_first(g.astype(out.dtype))
-    dv = jnp.einsum("bhqk,bhqd->bhkd", probs, g)
-    dprobs = jnp.einsum("bhqd,bhkd->bhqk", g, v)
+    f32 = jnp.float32 if is_reduced(q.dtype) else None
+    dv = jnp.einsum("bhqk,bhqd->bhkd", probs, g, preferred_element_type=f32).astype(v.dtype)
+    dprobs = jnp.einsum("bhqd,bhkd->bhqk", g, v, preferred_element_type=f32)
     row = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)  # (B, heads, N, 1)
     # d(loss)/d(scores); the 1/sqrt(d) goes onto the (M, d) keys and key gradient, as in the forward
     dscores = (probs.astype(jnp.float32) * (dprobs.astype(jnp.float32) - row)).astype(q.dtype)
-    dq = jnp.einsum("bhqk,bhkd->bhqd", dscores, _over_sqrt_head_dim(k))
-    dk = _over_sqrt_head_dim(jnp.einsum("bhqk,bhqd->bhkd", dscores, q))
+    dq = jnp.einsum("bhqk,bhkd->bhqd", dscores, _over_sqrt_head_dim(k), preferred_element_type=f32).astype(q.dtype)
+    dk = _over_sqrt_head_dim(jnp.einsum("bhqk,bhqd->bhkd", dscores, q, preferred_element_type=f32)).astype(k.dtype)
     return _heads_first(dq), _heads_first(dk), _heads_first(dv)
 
 

@@ -30,12 +30,37 @@ class Dense(nn.Dense):
     """`nn.Dense` (same parameters, same function) applied as one 2D matmul over all leading axes.
     On (B, N, C) tokens the kernel gradient contracts over two axes, and XLA:CPU then wrote the
     incoming gradient out transposed, (C_out, B*N), before the matmul (one extra pass over every
-    residual branch's gradient in the training step)."""
+    residual branch's gradient in the training step). `dtype` is the compute dtype (`kernels.matmul`);
+    the output is `output_dtype` (None: the activation dtype)."""
+
+    output_dtype: Dtype | None = None
 
     @nn.compact
     def __call__(self, inputs):
-        y = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
-        return y.reshape(*inputs.shape[:-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, (inputs.shape[-1], self.features), self.param_dtype)
+        y = kernels.matmul(inputs, kernel, self.dtype or jnp.float32, self.output_dtype)
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(y.dtype)
+        return y
+
+
+class Conv(nn.Module):
+    """`nn.Conv` (same parameters: kernel (kh, kw, in, out), bias) computed by `kernels.conv`: in a
+    reduced compute dtype, bfloat16 operands with float32 accumulation."""
+
+    features: int
+    kernel_size: tuple[int, int]
+    strides: int = 1
+    padding: Any = "VALID"
+    kernel_init: Any = nn.initializers.lecun_normal()
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (*self.kernel_size, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        y = kernels.conv(x, kernel, self.dtype, strides=(self.strides, self.strides), padding=self.padding)
+        return y + bias.astype(y.dtype)
 
 
 def conv_init(kernel_size: int, out_channels: int, groups: int = 1):
@@ -81,7 +106,7 @@ class LayerNorm(nn.Module):
     def __call__(self, x):
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
         bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
-        return kernels.layer_norm(x.astype(self.dtype), scale, bias, self.epsilon)
+        return kernels.layer_norm(x.astype(kernels.activation_dtype(self.dtype)), scale, bias, self.epsilon)
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -95,7 +120,7 @@ class OverlapPatchEmbed(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = nn.Conv(
+        x = Conv(
             self.hidden_size,
             (self.patch_size, self.patch_size),
             strides=self.stride,
@@ -125,11 +150,15 @@ class EfficientSelfAttention(nn.Module):
         """valid: the region of a padded map that is the image; keys outside it are not attended to."""
         b, h, w, c = x.shape
         head_dim = c // self.num_heads
-        dense = lambda name: Dense(c, dtype=self.dtype, kernel_init=dense_init(self.initializer_range), name=name)
+        # q, k, v feed only the attention products: in a reduced dtype they are produced in it.
+        qkv_dtype = self.dtype if kernels.is_reduced(self.dtype) else None
+        dense = lambda name: Dense(
+            c, dtype=self.dtype, kernel_init=dense_init(self.initializer_range), output_dtype=qkv_dtype, name=name
+        )
 
         q = dense("query")(x).reshape(b, h * w, self.num_heads, head_dim)
         if self.sr_ratio > 1:
-            x = nn.Conv(
+            x = Conv(
                 c,
                 (self.sr_ratio, self.sr_ratio),
                 strides=self.sr_ratio,
@@ -220,7 +249,7 @@ class DepthwiseConv3x3(nn.Module):
     def __call__(self, x, *, output_scale: float = 1.0):
         kernel = self.param("kernel", conv_init(3, self.features, self.features), (3, 3, 1, self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=kernels.activation_dtype(self.dtype))
         if output_scale != 1.0:  # scales the 9C + C parameters, not the output
             kernel, bias = kernel * output_scale, bias * output_scale
         # 'shifted': 9 multiply-adds with a hand-written VJP; XLA:CPU runs the grouped conv at < 1 GFLOP/s.

@@ -8,6 +8,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from segformer_jax.models import kernels
 from segformer_jax.models.config import SegformerConfig
 from segformer_jax.models.decode_head import DecodeHead
 from segformer_jax.models.encoder import MixVisionTransformer, check_images, check_valid_size, valid_stage_sizes
@@ -29,7 +30,7 @@ class SegformerModel(nn.Module):
         if valid_size is not None:
             check_valid_size(images, valid_size)
         encoder = MixVisionTransformer(self.config, self.dtype, name="encoder")
-        return encoder(images.astype(self.dtype), train=train, valid_size=valid_size)
+        return encoder(images.astype(kernels.activation_dtype(self.dtype)), train=train, valid_size=valid_size)
 
 
 class SegformerForSemanticSegmentation(nn.Module):

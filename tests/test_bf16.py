@@ -1,0 +1,100 @@
+"""Reduced precision: bfloat16 matmuls and convs with float32 accumulation, statistics and elementwise
+work in float32 on CPU; float32 stays the default and exact."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference
+import torch
+
+import segformer_jax as sj
+from segformer_jax.models import kernels
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_reference):
+    model32, variables = reference.to_flax(tiny_reference)
+    model16 = sj.SegformerForSemanticSegmentation(model32.config, dtype=jnp.bfloat16)
+    return tiny_reference, model32, model16, variables
+
+
+def test_bf16_logits_track_float32_and_transformers(pair):
+    ref, model32, model16, variables = pair
+    x = reference.images(2, 64, 96, seed=3)
+    with torch.no_grad():
+        want = reference.to_nhwc(ref(torch.from_numpy(x.transpose(0, 3, 1, 2))).logits)
+    got32 = np.asarray(jax.jit(model32.apply)(variables, x))
+    got16 = np.asarray(jax.jit(model16.apply)(variables, x))
+    assert got16.dtype == np.float32
+    assert reference.max_abs_diff(got32, want) < 1e-4  # the default is untouched
+    scale = np.abs(want).max()
+    diff16 = reference.max_abs_diff(got16, want)
+    assert 1e-4 < diff16 < 0.05 * scale  # really bfloat16 (not float32 in disguise), and close
+    assert np.mean(got16.argmax(-1) == want.argmax(-1)) > 0.95
+
+
+def test_bf16_program_has_bf16_matmuls_with_f32_accumulation_and_f32_elementwise(pair):
+    _, _, model16, variables = pair
+    text = jax.jit(model16.apply).lower(variables, np.zeros((1, 64, 64, 3), np.float32)).as_text()
+    dots = re.findall(r"stablehlo\.(?:dot_general|convolution)[^\n]*", text)
+    assert dots
+    reduced = [d for d in dots if re.search(r"\(tensor<[^>]*xbf16>, tensor<[^>]*xbf16>\) -> tensor<[^>]*xf32>", d)]
+    # Every matmul and conv on activations: bfloat16 operands, float32 result (the depthwise conv is
+    # multiply-adds). The others are the fused decode head folding each stage's projection (kernel
+    # and bias, parameters) into its slice of the fuse kernel: 2 per stage, on weights only.
+    weights_only = [d for d in dots if d not in reduced]
+    assert len(weights_only) == 2 * model16.config.num_encoder_blocks, weights_only[:3]
+    assert all(re.match(r"stablehlo\.dot_general %arg\d+, ", d) for d in weights_only), weights_only[:3]
+    if jax.default_backend() == "cpu":  # no bfloat16 transcendental or reduction work on CPU
+        for op in ("exponential", "rsqrt", "reduce"):
+            assert not re.search(rf"stablehlo\.{op}[^\n]*bf16", text), op
+
+
+def test_bf16_training_step_keeps_float32_parameters_and_gradients(pair):
+    _, _, model16, variables = pair
+    x = reference.images(2, 64, 64, seed=4)
+    labels = np.random.default_rng(0).integers(0, model16.config.num_labels, (2, 64, 64))
+    from segformer_jax.training import losses
+
+    def loss_fn(params):
+        logits, _ = model16.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.key(0)},
+        )
+        return losses.semantic_segmentation_loss(logits, jnp.asarray(labels))
+
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(variables["params"])
+    assert np.isfinite(float(loss))
+    leaves = jax.tree_util.tree_leaves(grads)
+    assert all(g.dtype == jnp.float32 for g in leaves) and all(np.all(np.isfinite(g)) for g in leaves)
+    g32 = jax.grad(
+        lambda p: losses.semantic_segmentation_loss(
+            sj.SegformerForSemanticSegmentation(model16.config).apply(
+                {"params": p, "batch_stats": variables["batch_stats"]},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+                rngs={"dropout": jax.random.key(0)},
+            )[0],
+            jnp.asarray(labels),
+        )
+    )(variables["params"])
+    flat16 = np.concatenate([np.ravel(g) for g in leaves])
+    flat32 = np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(g32)])
+    cosine = flat16 @ flat32 / np.linalg.norm(flat16) / np.linalg.norm(flat32)
+    assert cosine > 0.99
+
+
+@pytest.mark.parametrize("bad", ["float16", "int8", "bf16", jnp.int32])
+def test_unknown_compute_dtypes_are_refused_with_the_choices(bad):
+    with pytest.raises(ValueError, match=r"choose one of \['bfloat16', 'float32'\]"):
+        kernels.compute_dtype(bad)
+    assert kernels.compute_dtype("bfloat16") == jnp.bfloat16 and kernels.compute_dtype(jnp.float32) == jnp.float32
