@@ -137,6 +137,8 @@ def restore_checkpoint(manager, step: int, abstract_state: TrainState, meta: Map
         stored_arrays = sorted((tuple(m.shape), str(m.dtype)) for m in jax.tree_util.tree_leaves(stored))
     except Exception as e:  # unreadable _METADATA / _sharding / array metadata
         raise TrainingError(f"cannot read the array metadata of {step_dir} ({type(e).__name__}: {e})") from e
+    if not stored_arrays:  # Orbax logs a warning and returns no metadata when it cannot read it
+        raise TrainingError(f"cannot read the array metadata of {step_dir} (Orbax found none)")
     wanted = sorted((tuple(a.shape), str(a.dtype)) for a in jax.tree_util.tree_leaves(target))
     if stored_arrays != wanted:
         raise TrainingError(
