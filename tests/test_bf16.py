@@ -98,3 +98,14 @@ def test_unknown_compute_dtypes_are_refused_with_the_choices(bad):
     with pytest.raises(ValueError, match=r"choose one of \['bfloat16', 'float32'\]"):
         kernels.compute_dtype(bad)
     assert kernels.compute_dtype("bfloat16") == jnp.bfloat16 and kernels.compute_dtype(jnp.float32) == jnp.float32
+
+
+def test_bf16_stablehlo_export_computes_what_the_live_bf16_model_does(pair):
+    from segformer_jax.deploy import export as E
+
+    _, model32, model16, variables = pair
+    x = reference.images(1, 64, 96, seed=1)
+    exported = E.export_stablehlo(model16, variables)
+    got = np.asarray(exported.call(x))
+    assert reference.max_abs_diff(got, jax.jit(model16.apply)(variables, x)) < 1e-5
+    assert reference.max_abs_diff(got, jax.jit(model32.apply)(variables, x)) > 1e-4  # bfloat16 inside

@@ -345,6 +345,12 @@ def main(argv=None) -> int:
     p.add_argument("--uint8-input", action="store_true", help="take uint8 RGB and normalise inside the artifact")
     p.add_argument("--upsample", action="store_true", help="return logits at the input size")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="compute dtype baked into the artifact: float32 (exact) or bfloat16 (bf16 matmuls, f32 accumulation)",
+    )
     args = p.parse_args(argv)
 
     from segformer_jax.models.config import ConfigError
@@ -364,7 +370,7 @@ def main(argv=None) -> int:
             _require("jax2onnx", f"--format {args.format}")
             if args.format == "openvino":
                 _require("openvino", "--format openvino")
-        model, variables = from_pretrained(args.model)
+        model, variables = from_pretrained(args.model, dtype=args.dtype)
         if args.format == "stablehlo":
             out = save_stablehlo(model, variables, args.out, **kwargs)
         elif args.format == "savedmodel":
