@@ -302,7 +302,11 @@ def _upsampled_ce(logits, labels, ignore_index=255):
 # * the decode head's per-stage projection biases: a constant per channel (bilinear weights sum to
 #   one, the fuse conv is linear) that the train-mode BatchNorm's batch mean removes;
 # * the last stage's final LayerNorm bias, for the same reason (it feeds only the decode head).
-EXACT_ZERO_GRADIENTS = (r"\.attention\.self\.key\.bias$", r"^decode_head\.linear_c\.\d\.proj\.bias$")
+EXACT_ZERO_GRADIENTS = (
+    r"\.attention\.self\.key\.bias$",
+    r"^decode_head\.linear_c\.\d\.proj\.bias$",
+    r"^segformer\.encoder\.layer_norm\.3\.bias$",
+)
 
 
 def _torch_grads(model, x, labels):
