@@ -16,6 +16,13 @@ import segformer_jax as sj
 from segformer_jax.models import kernels
 
 
+@pytest.fixture(autouse=True)
+def every_matmul_reduced(monkeypatch):
+    """The tiny test model's matmuls are all narrower than the CPU threshold below which bfloat16 does
+    not pay (kernels.reduced_pays), so they would stay float32: lower it, so bfloat16 is tested."""
+    monkeypatch.setattr(kernels, "MIN_REDUCED_CPU_DIM", 1)
+
+
 @pytest.fixture(scope="module")
 def pair(tiny_reference):
     model32, variables = reference.to_flax(tiny_reference)
@@ -109,3 +116,12 @@ def test_bf16_stablehlo_export_computes_what_the_live_bf16_model_does(pair):
     got = np.asarray(exported.call(x))
     assert reference.max_abs_diff(got, jax.jit(model16.apply)(variables, x)) < 1e-5
     assert reference.max_abs_diff(got, jax.jit(model32.apply)(variables, x)) > 1e-4  # bfloat16 inside
+
+
+def test_narrow_matmuls_stay_float32_on_cpu(monkeypatch):
+    monkeypatch.setattr(kernels, "MIN_REDUCED_CPU_DIM", 64)
+    x, w = jnp.ones((8, 32)), jnp.ones((32, 256))
+    text = jax.jit(lambda x, w: kernels.matmul(x, w, jnp.bfloat16)).lower(x, w).as_text()
+    assert ("bf16" in text) == (jax.default_backend() != "cpu")
+    wide = jax.jit(lambda x, w: kernels.matmul(x, w, jnp.bfloat16)).lower(jnp.ones((8, 64)), jnp.ones((64, 64)))
+    assert re.search(r"tensor<8x64xbf16>, tensor<64x64xbf16>\) -> tensor<8x64xf32>", wide.as_text())

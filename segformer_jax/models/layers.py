@@ -150,8 +150,10 @@ class EfficientSelfAttention(nn.Module):
         """valid: the region of a padded map that is the image; keys outside it are not attended to."""
         b, h, w, c = x.shape
         head_dim = c // self.num_heads
-        # q, k, v feed only the attention products: in a reduced dtype they are produced in it.
-        qkv_dtype = self.dtype if kernels.is_reduced(self.dtype) else None
+        # q, k, v feed only the attention products: in a reduced dtype (where those pay) they are
+        # produced in it.
+        reduced = kernels.is_reduced(self.dtype) and kernels.reduced_pays(head_dim, head_dim)
+        qkv_dtype = self.dtype if reduced else None
         dense = lambda name: Dense(
             c, dtype=self.dtype, kernel_init=dense_init(self.initializer_range), output_dtype=qkv_dtype, name=name
         )
