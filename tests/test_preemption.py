@@ -232,7 +232,7 @@ def test_signal_before_the_first_step_writes_nothing_over_a_good_checkpoint(
     assert _steps(workdir) == ([4] if stopped == 4 else [4, 5])
     assert _hash_tree(os.path.join(workdir, "checkpoints", "4")) == before
     if stopped == 4:
-        assert "no step done in this run, nothing written" in run.stdout
+        assert "nothing written" in run.stdout
     _finish(workdir, data_dir, compile_cache)
     assert_bit_identical(workdir, baseline)
 
@@ -376,3 +376,58 @@ def test_read_only_workdir_is_refused_before_training(small_tmpfs, tmp_path, dat
     with pytest.raises(training.TrainingError, match=rf"workdir {workdir} is not writable .*--workdir"):
         training.train_and_evaluate(_config(data_dir), str(workdir))
     assert time.time() - t0 < 5  # refused before any compilation
+
+
+@pytest.mark.slow
+def test_two_processes_stop_at_the_same_step_when_one_gets_sigterm(tmp_path, data_dir):
+    """Two JAX processes (gloo on one CPU host): SIGTERM to process 1 only. JAX's preemption sync
+    manager tells process 0; both stop at the same step and write one complete checkpoint, and a
+    rerun of both resumes from it and finishes."""
+    from test_training import _free_port
+
+    workdir = str(tmp_path / "w")
+
+    def start_both():
+        port, procs = _free_port(), []
+        for rank in range(2):
+            env = {
+                **os.environ,
+                "SEGFORMER_MULTI_HOST": "1",
+                "SEGFORMER_COORDINATOR": f"127.0.0.1:{port}",
+                "SEGFORMER_NUM_PROCESSES": "2",
+                "SEGFORMER_PROCESS_ID": str(rank),
+                "JAX_PLATFORMS": "cpu",
+            }
+            cmd = [
+                sys.executable,
+                os.path.join(REPO, "train.py"),
+                f"--config={os.path.join(REPO, 'configs', 'default.py')}:tiny",
+                f"--config.data.data_dir={data_dir}",
+                f"--workdir={workdir}",
+                "--compilation_cache=",
+                *RUN_FLAGS,
+            ]
+            out = open(tmp_path / f"p{rank}-{time.time_ns()}.out", "w+")
+            procs.append((subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env), out))
+        return procs
+
+    procs = start_both()
+    records = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 600
+    while not (os.path.exists(records) and sum('"train"' in line for line in open(records)) >= 2):
+        assert time.time() < deadline and all(p.poll() is None for p, _ in procs), "the run ended early"
+        time.sleep(0.05)
+    procs[1][0].send_signal(signal.SIGTERM)
+    outs = []
+    for p, out in procs:
+        rc = p.wait(timeout=300)
+        out.seek(0)
+        outs.append(out.read())
+        assert rc == training.EXIT_PREEMPTED, f"exit {rc}:\n{outs[-1][-3000:]}"
+    stopped = int(outs[0].split("Stopped by")[1].split("at step ")[1].split()[0])
+    assert stopped < STEPS and _steps(workdir)[-1] == stopped
+    training.restore_state_here(os.path.join(workdir, "checkpoints", str(stopped)))  # complete and readable
+    procs = start_both()
+    for p, _ in procs:
+        assert p.wait(timeout=600) == 0
+    assert _steps(workdir)[-1] == STEPS

@@ -33,6 +33,7 @@ import time
 from collections.abc import Mapping
 
 import jax
+import numpy as np
 
 from segformer_jax.pretrained import WORKDIR_CHECKPOINTS, WORKDIR_FINAL
 from segformer_jax.training.state import TrainingError, TrainState, state_to_tree, to_host, tree_to_state
@@ -249,14 +250,23 @@ def restore_latest_good(config, abstract_state: TrainState, meta: Mapping, workd
         step = manager.latest_step()
         if step is None:
             return manager, None
+        problem = None
         try:
-            return manager, restore_checkpoint(manager, step, abstract_state, meta, workdir)
+            state = restore_checkpoint(manager, step, abstract_state, meta, workdir)
         except TrainingError as e:
             if "different model" in str(e):
                 raise
             problem = str(e.__cause__ or e)
         except Exception as e:  # Orbax / TensorStore raise many types for a damaged file
             problem = f"{type(e).__name__}: {e}"
+        if jax.process_count() > 1:  # each host reads its own part: all skip the step if one could not
+            from jax.experimental import multihost_utils
+
+            failed = multihost_utils.process_allgather(np.int32(problem is not None))
+            if problem is None and np.any(failed):
+                problem = f"unreadable on process(es) {np.flatnonzero(failed).tolist()}"
+        if problem is None:
+            return manager, state
         manager.close()
         older = [s for s in manager.all_steps() if s < step]
         moved = _move_aside(workdir, step)

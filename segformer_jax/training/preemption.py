@@ -42,6 +42,12 @@ def _sync_manager():
     return None if state.client is None else state.preemption_sync_manager
 
 
+class StoppedDuringSetup(BaseException):
+    """Raised by the signal handler while the run is still setting up (no step done yet, nothing to
+    save): the run ends at once instead of after the restore and the compilation. A BaseException, so
+    that no `except Exception` on the way (the damaged-checkpoint fallback) takes it for an error."""
+
+
 class StopRequest:
     """Installs SIGTERM / SIGINT handlers for the duration of a `with` block (main thread only; a
     no-op elsewhere) and answers `should_stop(step)` the same way on every process."""
@@ -49,6 +55,7 @@ class StopRequest:
     def __init__(self):
         self.signal_name: str | None = None
         self.received_at: float | None = None
+        self.setting_up = True  # until the loop's first should_stop: a signal then ends the run at once
         self._previous = {}
         self._multi_host = jax.process_count() > 1
         self._sync = _sync_manager() if self._multi_host else None
@@ -73,6 +80,8 @@ class StopRequest:
         )
         if self._sync is not None and signum == signal.SIGINT:
             os.kill(os.getpid(), signal.SIGTERM)  # the sync manager's handler tells the other hosts
+        elif self.setting_up and not self._multi_host:
+            raise StoppedDuringSetup(name)
 
     def __enter__(self):
         if threading.current_thread() is not threading.main_thread():
@@ -96,6 +105,7 @@ class StopRequest:
 
     def should_stop(self, step: int) -> bool:
         """True on every process at the same `step` once any of them got a stop signal."""
+        self.setting_up = False
         if not self._multi_host:
             return self.signal_name is not None
         if self._sync is not None:
