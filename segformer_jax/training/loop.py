@@ -39,7 +39,7 @@ from segformer_jax.training.checkpoints import (
     write_error,
 )
 from segformer_jax.training.logs import MetricWriter
-from segformer_jax.training.preemption import StopRequest
+from segformer_jax.training.preemption import StoppedDuringSetup, StopRequest
 from segformer_jax.training.state import TrainingError, build_model, shard_batch, to_host
 from segformer_jax.training.steps import build_training, evaluate, make_eval_step
 
@@ -172,7 +172,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir = os.path.abspath(workdir)
     check_writable(workdir)
     with StopRequest() as stop:
-        return _train_and_evaluate(config, workdir, stop)
+        try:
+            return _train_and_evaluate(config, workdir, stop)
+        except StoppedDuringSetup:
+            latest = _committed_step(workdir)
+            if jax.process_index() == 0:
+                print(
+                    f"Stopped by {stop.signal_name} while setting up, before any step of this run: nothing "
+                    "written; "
+                    + (
+                        f"the latest checkpoint is {os.path.join(workdir, CHECKPOINT_DIR, str(latest))}"
+                        if latest is not None
+                        else "no checkpoint yet"
+                    )
+                    + f". Rerun the same command to resume from {workdir}.",
+                    flush=True,
+                )
+            return {"step": latest or 0, "preempted": stop.signal_name}
+        except Exception as e:
+            what = getattr(e, "filename", None) or "a checkpoint"
+            error = write_error(e, workdir, what, _committed_step(workdir))
+            if error is not None:
+                raise error from None
+            raise
 
 
 def _train_and_evaluate(config, workdir: str, stop: StopRequest) -> dict:
@@ -261,11 +283,8 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest) -> dict:
     log_every = max(int(config.log_every_steps), 1)
     results = None
     saved = [start_step] if start_step else []  # committed (or in flight) checkpoint steps
-    writing = "the logs"
 
     def save(step_done, **kw):
-        nonlocal writing
-        writing = f"the checkpoint of step {step_done // accum}"
         save_checkpoint(manager, state, kw.pop("meta", meta), **kw)
         saved.append(step_done)
 
@@ -306,73 +325,69 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest) -> dict:
     pending = []
     preempted = False
     done = start_step
-    try:
-        if (
-            start_step
-            and jax.process_count() == 1
-            and eval_due(start_step)
-            and not os.path.exists(os.path.join(workdir, "eval", f"eval_{start_step}.json"))
-        ):  # the evaluation of this step was cut short by a stop signal: do it now
-            results = eval_and_save(start_step)
-            preempted = results is None
-        for step in range(start_step, stop_at):
-            if preempted or stop.should_stop(step):
+    if (
+        start_step
+        and jax.process_count() == 1
+        and eval_due(start_step)
+        and not os.path.exists(os.path.join(workdir, "eval", f"eval_{start_step}.json"))
+    ):  # the evaluation of this step was cut short by a stop signal: do it now
+        results = eval_and_save(start_step)
+        preempted = results is None
+    for step in range(start_step, stop_at):
+        if preempted or stop.should_stop(step):
+            preempted = True
+            break
+        batch = next(train_iter)
+        batch = shard_batch({"image": batch["image"], "label": batch["label"]}, batch_sharding)
+        state, step_metrics = train_step(state, batch, train_rng)
+        pending.append(step_metrics)
+        window_steps += 1
+        done = step + 1
+        if done % log_every == 0 or done == stop_at:
+            # One host sync per log interval: average the interval's metrics.
+            host = to_host(pending)
+            pending = []
+            avg = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+            avg["lr"], avg["lr_head"] = float(host[-1]["lr"]), float(host[-1]["lr_head"])
+            elapsed = time.time() - window_start
+            avg["images_per_second"] = window_steps * global_batch / max(elapsed, 1e-9)
+            window_start, window_steps = time.time(), 0
+            if not np.isfinite(avg["loss"]):
+                raise TrainingError(
+                    f"loss is {avg['loss']} at step {done}; lower the learning rate or enable optimizer.grad_clip_norm"
+                )
+            writer.scalars(done, "train", avg)
+            if bar is not None:
+                bar.set_postfix(
+                    loss=f"{avg['loss']:.4f}",
+                    lr=f"{avg['lr']:.2e}",
+                    img_s=f"{avg['images_per_second']:.1f}",
+                    refresh=False,
+                )
+        if bar is not None:
+            bar.update(1)
+        if eval_due(done):
+            results = eval_and_save(done)
+            if results is None:
                 preempted = True
                 break
-            batch = next(train_iter)
-            batch = shard_batch({"image": batch["image"], "label": batch["label"]}, batch_sharding)
-            state, step_metrics = train_step(state, batch, train_rng)
-            pending.append(step_metrics)
-            window_steps += 1
-            done = step + 1
-            if done % log_every == 0 or done == stop_at:
-                # One host sync per log interval: average the interval's metrics.
-                host = to_host(pending)
-                pending = []
-                avg = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-                avg["lr"], avg["lr_head"] = float(host[-1]["lr"]), float(host[-1]["lr_head"])
-                elapsed = time.time() - window_start
-                avg["images_per_second"] = window_steps * global_batch / max(elapsed, 1e-9)
-                window_start, window_steps = time.time(), 0
-                if not np.isfinite(avg["loss"]):
-                    raise TrainingError(
-                        f"loss is {avg['loss']} at step {done}; lower the learning rate or enable "
-                        "optimizer.grad_clip_norm"
-                    )
-                writing = "the logs"
-                writer.scalars(done, "train", avg)
-                if bar is not None:
-                    bar.set_postfix(
-                        loss=f"{avg['loss']:.4f}",
-                        lr=f"{avg['lr']:.2e}",
-                        img_s=f"{avg['images_per_second']:.1f}",
-                        refresh=False,
-                    )
-            if bar is not None:
-                bar.update(1)
-            if eval_due(done):
-                results = eval_and_save(done)
-                if results is None:
-                    preempted = True
-                    break
-                window_start = time.time()  # keep eval time out of images/s
-            elif (ckpt_every and done % ckpt_every == 0) or done == stop_at:
-                save(done)
-        if preempted and done > start_step and done not in saved:
-            save(done)  # the step the signal interrupted (every host stops at the same one)
-        if bar is not None:
-            bar.close()
-        manager.wait_until_finished()
-        if preempted:
-            return _stopped(stop, done, start_step, saved, workdir, accum, config)
-        result = _finish(
-            config, workdir, model, state, results, eval_iter, eval_step, info, writer, batch_sharding, data_config
-        )
-    except Exception as e:
-        error = write_error(e, workdir, writing, _committed_step(workdir))
-        if error is not None:
-            raise error from None
-        raise
+            window_start = time.time()  # keep eval time out of images/s
+        elif (ckpt_every and done % ckpt_every == 0) or done == stop_at:
+            save(done)
+    if preempted and done > start_step and done not in saved:
+        save(done)  # the step the signal interrupted (every host stops at the same one)
+    if bar is not None:
+        bar.close()
+    manager.wait_until_finished()
+    if preempted:
+        result = _stopped(stop, done, start_step, saved, workdir, accum, config)
+    else:
+        try:
+            result = _finish(
+                config, workdir, model, state, results, eval_iter, eval_step, info, writer, batch_sharding, data_config
+            )
+        except _EvalInterrupted:  # reopened a finished run and was stopped re-evaluating it: nothing lost
+            result = _stopped(stop, done, start_step, saved, workdir, accum, config)
     writer.close()
     manager.close()
     return result
