@@ -163,17 +163,18 @@ def _eval_and_log(
     return results
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, timings: dict | None = None) -> dict:
     """Trains (resuming from the latest checkpoint in `workdir` if any), evaluates every
     `eval.every_steps` and at the end, exports `workdir/final`. Returns the final eval results
     (per-class table included) plus 'step'; stopped by SIGTERM / SIGINT, {'step', 'preempted': signal name}
-    with the checkpoint of that step written."""
+    with the checkpoint of that step written. `timings` (a dict; off when None): filled with the
+    per-call times of the loop's input wait, step and host syncs (`_timed_loop`; benchmarks/train_e2e.py)."""
     _validate(config)
     workdir = os.path.abspath(workdir)
     check_writable(workdir)
     with StopRequest() as stop:
         try:
-            return _train_and_evaluate(config, workdir, stop)
+            return _train_and_evaluate(config, workdir, stop, timings)
         except StoppedDuringSetup:
             latest = _committed_step(workdir)
             if jax.process_index() == 0:
@@ -197,7 +198,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             raise
 
 
-def _train_and_evaluate(config, workdir: str, stop: StopRequest) -> dict:
+def _train_and_evaluate(config, workdir: str, stop: StopRequest, timings: dict | None = None) -> dict:
     from segformer_jax.data import input_pipeline
 
     is_main = jax.process_index() == 0
@@ -321,6 +322,9 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest) -> dict:
             )
         return res
 
+    sync_metrics = to_host
+    if timings is not None:  # benchmarks/train_e2e.py: where the loop's time goes
+        train_iter, train_step, sync_metrics = _timed_loop(timings, train_iter, train_step)
     window_start, window_steps = time.time(), 0
     pending = []
     preempted = False
@@ -345,7 +349,7 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest) -> dict:
         done = step + 1
         if done % log_every == 0 or done == stop_at:
             # One host sync per log interval: average the interval's metrics.
-            host = to_host(pending)
+            host = sync_metrics(pending)
             pending = []
             avg = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
             avg["lr"], avg["lr_head"] = float(host[-1]["lr"]), float(host[-1]["lr_head"])
@@ -391,6 +395,39 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest) -> dict:
     writer.close()
     manager.close()
     return result
+
+
+def _timed_loop(timings: dict, train_iter, train_step):
+    """The loop's (train_iter, train_step, metrics host sync), recording (start, end) `time.perf_counter()`
+    pairs of every call in timings['input'] (waiting in next(train_iter)), timings['step'] (the step's
+    dispatch; with timings['block'] true, also its compute: the result is awaited) and timings['sync']
+    (the metrics to_host per log interval, which waits for the steps in flight)."""
+    for name in ("input", "step", "sync"):
+        timings.setdefault(name, [])
+    block = bool(timings.get("block"))
+
+    def batches():
+        while True:
+            t = time.perf_counter()
+            batch = next(train_iter)
+            timings["input"].append((t, time.perf_counter()))
+            yield batch
+
+    def step(*args):
+        t = time.perf_counter()
+        out = train_step(*args)
+        if block:
+            jax.block_until_ready(out)
+        timings["step"].append((t, time.perf_counter()))
+        return out
+
+    def sync(tree):
+        t = time.perf_counter()
+        out = to_host(tree)
+        timings["sync"].append((t, time.perf_counter()))
+        return out
+
+    return (None if train_iter is None else batches()), step, sync
 
 
 def _committed_step(workdir: str) -> int | None:
