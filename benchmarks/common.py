@@ -104,3 +104,45 @@ def fmt_ratio(x) -> str:
 def fmt_rss(rss) -> str:
     """A table cell for an optional peak-RSS measurement from run_isolated."""
     return f"{rss['peak_rss_mb']:.0f} MB (+{rss['peak_delta_mb']:.0f})" if rss else "-"
+
+
+def logits_agreement(logits, reference) -> dict:
+    """Max-abs difference and argmax agreement (fraction of pixels whose top class is the same) of
+    two NCHW logit arrays of the same shape."""
+    logits, reference = np.asarray(logits, np.float32), np.asarray(reference, np.float32)
+    if logits.shape != reference.shape:
+        raise ValueError(f"logits of shape {logits.shape} against a reference of {reference.shape}")
+    return dict(
+        max_abs=float(np.abs(logits - reference).max()),
+        argmax_agreement=float(np.mean(logits.argmax(axis=1) == reference.argmax(axis=1))),
+    )
+
+
+def export_hf_onnx(hf, shape, path: str, opset: int = 17) -> float:
+    """transformers' model -> ONNX file at `path` (torch.onnx.export, TorchScript exporter, static NCHW
+    input `pixel_values` of `shape`, output `logits`). Returns the seconds it took."""
+    import torch
+
+    class Logits(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values):
+            return self.model(pixel_values=pixel_values).logits
+
+    import warnings
+
+    t = time.perf_counter()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings about shape-dependent Python branches (static here)
+        torch.onnx.export(
+            Logits(hf).eval(),
+            (torch.zeros(shape, dtype=torch.float32),),
+            path,
+            opset_version=opset,
+            input_names=["pixel_values"],
+            output_names=["logits"],
+            dynamo=False,  # the dynamo exporter needs onnxscript, which the bench extra does not list
+        )
+    return time.perf_counter() - t

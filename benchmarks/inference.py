@@ -1,30 +1,76 @@
-"""Inference benchmark: jitted Flax vs transformers eager and torch.compile, same weights, same
-inputs, A/B interleaved in one process; compile times, medians, ratios, logits difference, and peak
-RSS from a fresh subprocess per (implementation, case).
+"""Inference benchmark: segformer-jax (float32, bf16, int8 weight-only) against OpenVINO (f32, bf16)
+and ONNX Runtime (f32) running transformers' model exported to ONNX, transformers eager and
+torch.compile; same weights, same inputs, interleaved in one process. Compile / first-call times,
+medians, ratios, each row's logits against segformer-jax float32 (max-abs difference, argmax
+agreement), and peak RSS from a fresh subprocess per (runtime, case).
 
 Cases: b0/b2 at 512x512 batch 1 and 8; b0 on a 1024x2048 image by sliding window (crop 1024,
 stride 768: 3 windows, each run at batch 1; window logits averaged at logit resolution).
 
+Runtimes (--runtimes, default all):
+  jax-f32    segformer-jax float32 (jit)
+  jax-bf16   SegformerForSemanticSegmentation(config, dtype=jnp.bfloat16): bf16 matmuls / convs, f32 accumulation
+  jax-int8   int8 weight-only checkpoint (deploy.quantize.quantized_apply: dequantized inside the jit)
+  ov-f32     OpenVINO on the ONNX export, INFERENCE_PRECISION_HINT=f32
+  ov-bf16    OpenVINO on the ONNX export, INFERENCE_PRECISION_HINT=bf16 (its default on AMX / AVX-512-BF16 CPUs)
+  ort-f32    ONNX Runtime (CPUExecutionProvider) on the ONNX export
+  eager      transformers eager (torch)
+  compile    torch.compile of the transformers model (also dropped by --no-compile)
+The ONNX file is transformers' model through torch.onnx.export (opset 17, static shape of the case),
+written to a temporary folder. OpenVINO / ONNX Runtime rows are skipped, with a message, when the
+package is missing (pip install openvino onnxruntime).
+
     .venv/bin/python benchmarks/inference.py                      # everything (long)
-    .venv/bin/python benchmarks/inference.py --variants b0 --quick --no-rss
     .venv/bin/python benchmarks/inference.py --cases 512 --batch 1 --no-compile
+    .venv/bin/python benchmarks/inference.py --runtimes jax-f32 jax-bf16 ov-bf16 --variants b0 b2 --cases 512 --batch 1
+    .venv/bin/python benchmarks/inference.py --smoke   # b0, 128x128, batch 1, 3 repeats, no torch.compile / RSS
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import sys
+import tempfile
 import time
+from typing import Any, NamedTuple
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import fmt_ms, fmt_ratio, fmt_rss, interleaved, make_models, med, peak_rss_mb, reset_peak_rss, run_isolated  # noqa: E402
+from common import (  # noqa: E402
+    export_hf_onnx,
+    fmt_ms,
+    fmt_ratio,
+    fmt_rss,
+    interleaved,
+    logits_agreement,
+    make_models,
+    med,
+    peak_rss_mb,
+    reset_peak_rss,
+    run_isolated,
+)
 
 CROP, STRIDE = 1024, 768
+
+RUNTIMES = {
+    "jax-f32": "segformer-jax f32",
+    "jax-bf16": "segformer-jax bf16",
+    "jax-int8": "segformer-jax int8 (weights)",
+    "ov-f32": "OpenVINO f32",
+    "ov-bf16": "OpenVINO bf16",
+    "ort-f32": "ONNX Runtime f32",
+    "eager": "transformers eager",
+    "compile": "torch.compile",
+}
+REFERENCE = "jax-f32"  # every row's logits are compared with these
+BASELINES = [("ov-bf16", "vs OV bf16"), ("ov-f32", "vs OV f32"), ("ort-f32", "vs ORT f32"), ("eager", "vs eager")]
+BASELINES.append(("compile", "vs torch.compile"))
+PACKAGES = {"ov-f32": "openvino", "ov-bf16": "openvino", "ort-f32": "onnxruntime"}
 
 
 def windows(h: int, w: int, crop: int = CROP, stride: int = STRIDE):
@@ -39,88 +85,201 @@ def windows(h: int, w: int, crop: int = CROP, stride: int = STRIDE):
     return out
 
 
-def flax_runner(model, variables, x, slide: bool):
-    """-> (run() returning numpy logits NCHW, compile seconds)."""
+class Runtime(NamedTuple):
+    """prepare(x NHWC float32 numpy) -> the runtime's own input (made once, outside the timing);
+    call(prepared) -> NCHW logits (a numpy array, possibly a view the next call overwrites);
+    setup_s: compile / session-creation seconds; info: a note for the case header."""
+
+    prepare: Any
+    call: Any
+    setup_s: float
+    info: str = ""
+
+
+class Context:
+    """One variant's models, and its ONNX exports (one per input shape) in a temporary folder."""
+
+    def __init__(self, hf, model, variables):
+        self.hf, self.model, self.variables = hf, model, variables
+        self.tmp = tempfile.TemporaryDirectory(prefix="segformer-bench-")
+        self.onnx, self.export_s = {}, {}
+
+    def onnx_path(self, shape) -> str:
+        shape = tuple(int(s) for s in shape)
+        if shape not in self.onnx:
+            path = os.path.join(self.tmp.name, "x".join(map(str, shape)) + ".onnx")
+            self.export_s[shape] = export_hf_onnx(self.hf, shape, path, opset=17)
+            self.onnx[shape] = path
+        return self.onnx[shape]
+
+    def close(self):
+        self.tmp.cleanup()
+
+
+def nchw(x):
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def jax_runtime(kind: str, ctx: Context, example) -> Runtime:
     import jax
     import jax.numpy as jnp
 
-    apply = jax.jit(model.apply)
-    if not slide:
-        xj = jnp.asarray(x)
-        t = time.perf_counter()
-        compiled = apply.lower(variables, xj).compile()
-        compile_s = time.perf_counter() - t
-        return (lambda: np.asarray(compiled(variables, xj)).transpose(0, 3, 1, 2)), compile_s
-    b, h, w, _ = x.shape
-    crop = jnp.asarray(x[:, :CROP, :CROP])
+    import segformer_jax
+    from segformer_jax.deploy import quantize
+
+    model, variables = ctx.model, ctx.variables
+    if kind == "jax-bf16":
+        model = segformer_jax.SegformerForSemanticSegmentation(model.config, dtype=jnp.bfloat16)
+    if kind == "jax-int8":
+        variables = jax.tree_util.tree_map(jnp.asarray, quantize.quantize_variables(variables))
+        apply = jax.jit(quantize.quantized_apply(model))
+    else:
+        apply = jax.jit(model.apply)
     t = time.perf_counter()
-    compiled = apply.lower(variables, crop).compile()
-    compile_s = time.perf_counter() - t
-    wins = windows(h, w)
-    xj = jnp.asarray(x)
-
-    def run():
-        acc = np.zeros((b, h // 4, w // 4, model.config.num_labels), np.float32)
-        cnt = np.zeros((1, h // 4, w // 4, 1), np.float32)
-        for top, left in wins:
-            logits = np.asarray(compiled(variables, jax.lax.dynamic_slice(xj, (0, top, left, 0), (b, CROP, CROP, 3))))
-            acc[:, top // 4 : (top + CROP) // 4, left // 4 : (left + CROP) // 4] += logits
-            cnt[:, top // 4 : (top + CROP) // 4, left // 4 : (left + CROP) // 4] += 1
-        return (acc / cnt).transpose(0, 3, 1, 2)
-
-    return run, compile_s
+    compiled = apply.lower(variables, jnp.asarray(example)).compile()
+    setup_s = time.perf_counter() - t
+    return Runtime(jnp.asarray, lambda xj: np.asarray(compiled(variables, xj)).transpose(0, 3, 1, 2), setup_s)
 
 
-def torch_runner(hf, x, slide: bool, compile_: bool):
+def torch_runtime(kind: str, ctx: Context, example) -> Runtime:
     import torch
 
-    fwd = torch.compile(hf) if compile_ else hf
-    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
-    b, _, h, w = xt.shape
+    if kind == "compile":
+        torch._dynamo.reset()
+    fwd = torch.compile(ctx.hf) if kind == "compile" else ctx.hf
 
     @torch.inference_mode()
-    def run():
-        if not slide:
-            return fwd(pixel_values=xt).logits.numpy()
-        acc = torch.zeros((b, hf.config.num_labels, h // 4, w // 4))
-        cnt = torch.zeros((1, 1, h // 4, w // 4))
-        for top, left in windows(h, w):
-            logits = fwd(pixel_values=xt[:, :, top : top + CROP, left : left + CROP]).logits
-            acc[:, :, top // 4 : (top + CROP) // 4, left // 4 : (left + CROP) // 4] += logits
-            cnt[:, :, top // 4 : (top + CROP) // 4, left // 4 : (left + CROP) // 4] += 1
-        return (acc / cnt).numpy()
+    def call(xt):
+        return fwd(pixel_values=xt).logits.numpy()
+
+    return Runtime(lambda x: torch.from_numpy(nchw(x)), call, 0.0)
+
+
+def _type_name(t) -> str:
+    return t.to_string() if hasattr(t, "to_string") else str(t)
+
+
+def openvino_runtime(kind: str, ctx: Context, example) -> Runtime:
+    import openvino as ov
+
+    path = ctx.onnx_path(nchw(example).shape)
+    precision = "f32" if kind == "ov-f32" else "bf16"
+    t = time.perf_counter()
+    compiled = ov.Core().compile_model(
+        path,
+        "CPU",
+        {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": os.cpu_count()},
+    )
+    request = compiled.create_infer_request()
+    setup_s = time.perf_counter() - t
+    info = f"{RUNTIMES[kind]}: INFERENCE_PRECISION_HINT={_type_name(compiled.get_property('INFERENCE_PRECISION_HINT'))}"
+
+    def call(x):
+        request.infer({0: x}, share_inputs=True, share_outputs=True)
+        return request.get_output_tensor(0).data
+
+    return Runtime(nchw, call, setup_s, info)
+
+
+def onnxruntime_runtime(kind: str, ctx: Context, example) -> Runtime:
+    import onnxruntime as ort
+
+    path = ctx.onnx_path(nchw(example).shape)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    t = time.perf_counter()
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    setup_s = time.perf_counter() - t
+    info = f"{RUNTIMES[kind]}: onnxruntime {ort.__version__}"
+    return Runtime(nchw, lambda x: session.run(None, {"pixel_values": x})[0], setup_s, info)
+
+
+BUILDERS = {
+    "jax-f32": jax_runtime,
+    "jax-bf16": jax_runtime,
+    "jax-int8": jax_runtime,
+    "ov-f32": openvino_runtime,
+    "ov-bf16": openvino_runtime,
+    "ort-f32": onnxruntime_runtime,
+    "eager": torch_runtime,
+    "compile": torch_runtime,
+}
+
+
+def runner(kind: str, ctx: Context, x, slide: bool):
+    """-> (run() returning NCHW logits of the whole input, compile / setup + first-call seconds, info)."""
+    example = x[:, :CROP, :CROP] if slide else x
+    rt = BUILDERS[kind](kind, ctx, np.ascontiguousarray(example))
+    if not slide:
+        prepared = rt.prepare(x)
+        run = lambda: rt.call(prepared)  # noqa: E731
+    else:
+        b, h, w, _ = x.shape
+        wins = windows(h, w)
+        prepared = [rt.prepare(np.ascontiguousarray(x[:, t : t + CROP, left : left + CROP])) for t, left in wins]
+        labels = ctx.model.config.num_labels
+
+        def run():
+            acc = np.zeros((b, labels, h // 4, w // 4), np.float32)
+            cnt = np.zeros((1, 1, h // 4, w // 4), np.float32)
+            for (top, left), p in zip(wins, prepared):
+                acc[:, :, top // 4 : (top + CROP) // 4, left // 4 : (left + CROP) // 4] += rt.call(p)
+                cnt[:, :, top // 4 : (top + CROP) // 4, left // 4 : (left + CROP) // 4] += 1
+            return acc / cnt
 
     t = time.perf_counter()
     run()
-    return run, time.perf_counter() - t
+    return run, rt.setup_s + time.perf_counter() - t, rt.info
 
 
-def case_input(case: str, batch: int):
+def case_input(case: str, batch: int, size: int = 512):
     rng = np.random.default_rng(0)
-    h, w = (512, 512) if case == "512" else (1024, 2048)
+    h, w = (size, size) if case == "512" else (1024, 2048)
     return rng.normal(size=(batch, h, w, 3)).astype(np.float32), case == "slide"
+
+
+def case_label(variant, case, batch, size):
+    return f"{variant} {f'{size}x{size}' if case == '512' else '1024x2048 slide'} batch {batch}"
+
+
+def available(kinds):
+    """The runtimes whose packages are installed; a line for each one skipped."""
+    out = []
+    for k in kinds:
+        package = PACKAGES.get(k)
+        if package and importlib.util.find_spec(package) is None:
+            print(
+                f"skipping {k} ({RUNTIMES[k]}): the Python package {package!r} is not installed "
+                f"(pip install {package}; the benchmark rows need openvino and onnxruntime)",
+                flush=True,
+            )
+            continue
+        out.append(k)
+    return out
 
 
 def single(args):
     import torch
 
     torch.set_num_threads(os.cpu_count())
-    impl, variant, case, batch = args.single.split(",")
-    x, slide = case_input(case, int(batch))
+    kind, variant, case, batch, size = args.single.split(",")
+    x, slide = case_input(case, int(batch), int(size))
     hf, model, variables = make_models(variant)
-    if impl == "flax":
-        del hf
+    ctx = Context(hf, model, variables)
+    if kind in PACKAGES:
+        ctx.onnx_path(nchw(x[:, :CROP, :CROP] if slide else x).shape)  # the export is set-up, not measured
+    if kind not in ("eager", "compile"):
+        ctx.hf = hf = None
     gc.collect()
     base = peak_rss_mb()
     reset_peak_rss()
     base = min(base, peak_rss_mb())
-    if impl == "flax":
-        run, _ = flax_runner(model, variables, x, slide)
-    else:
-        run, _ = torch_runner(hf, x, slide, impl == "torch.compile")
+    run, _, _ = runner(kind, ctx, x, slide)
     for _ in range(2):
         run()
     print("RESULT " + json.dumps(dict(peak_rss_mb=peak_rss_mb(), base_mb=base, peak_delta_mb=peak_rss_mb() - base)))
+    ctx.close()
 
 
 def main():
@@ -128,20 +287,31 @@ def main():
     p.add_argument("--variants", nargs="+", default=["b0", "b2"])
     p.add_argument("--cases", nargs="+", default=["512", "slide"], choices=["512", "slide"])
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=list(RUNTIMES), metavar="RUNTIME")
+    p.add_argument("--size", type=int, default=512, help="side of the square images of the '512' case")
     p.add_argument("--quick", action="store_true", help="fewer repeats")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a check that the rows run: b0, 128x128, batch 1, 3 repeats, no torch.compile, no RSS",
+    )
     p.add_argument("--single", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.single:
         return single(args)
+    if args.smoke:
+        args.variants, args.cases, args.batch, args.size = ["b0"], ["512"], [1], 128
+        args.no_rss = args.no_compile = True
+    kinds = available([k for k in args.runtimes if not (k == "compile" and args.no_compile)])
 
     import torch
 
     torch.set_num_threads(os.cpu_count())
     rows = []
     for variant in args.variants:
-        hf, model, variables = make_models(variant)
+        ctx = Context(*make_models(variant))
         todo = [
             (c, b)
             for c in args.cases
@@ -149,62 +319,67 @@ def main():
             if not (c == "slide" and variant != "b0")
         ]
         for case, batch in todo:
-            x, slide = case_input(case, batch)
-            runs, compile_s = {}, {}
-            runs["flax (jit)"], compile_s["flax (jit)"] = flax_runner(model, variables, x, slide)
-            runs["torch eager"], compile_s["torch eager"] = torch_runner(hf, x, slide, False)
-            if not args.no_compile:
-                torch._dynamo.reset()
-                runs["torch.compile"], compile_s["torch.compile"] = torch_runner(hf, x, slide, True)
-            diff = float(np.abs(runs["flax (jit)"]() - runs["torch eager"]()).max())
-            per = max(1, int(round(3 / max(batch, 1)))) if args.quick else 5
-            times = interleaved(runs, per if not slide else (2 if args.quick else 3))
-            label = f"{variant} {'512x512' if case == '512' else '1024x2048 slide'} batch {batch}"
+            x, slide = case_input(case, batch, args.size)
+            label = case_label(variant, case, batch, args.size)
+            runs, first_s, infos = {}, {}, []
+            # The reference is built even when its row is not asked for (then it is not timed).
+            for k in [REFERENCE] + [k for k in kinds if k != REFERENCE]:
+                runs[k], first_s[k], info = runner(k, ctx, x, slide)
+                if info:
+                    infos.append(info)
+            reference = np.array(runs[REFERENCE]())
+            agree = {k: logits_agreement(np.array(runs[k]()), reference) for k in kinds}
+            if REFERENCE not in kinds:
+                del runs[REFERENCE]
+            if args.smoke:
+                per = 3
+            elif slide:
+                per = 2 if args.quick else 3
+            else:
+                per = max(1, int(round(3 / max(batch, 1)))) if args.quick else 5
+            times = interleaved(runs, per)
+            exports = ", ".join(f"{'x'.join(map(str, s))} {v:.1f} s" for s, v in ctx.export_s.items())
             print(
-                f"\n{label}: max |logits diff| flax vs torch {diff:.1e}; compile / first call: "
-                + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()),
+                f"\n{label}: compile / first call: "
+                + ", ".join(f"{k} {v:.1f} s" for k, v in first_s.items())
+                + (f"; torch.onnx.export {exports}" if exports else "")
+                + "".join(f"\n  {i}" for i in infos),
                 flush=True,
             )
-            eager = med(times["torch eager"])
-            for k, ts in times.items():
+            base = {k: med(times[k]) for k, _ in BASELINES if k in times}
+            for k in kinds:
                 rss = None
                 if not args.no_rss:
-                    impl = "flax" if k.startswith("flax") else k
-                    rss = run_isolated(__file__, ["--single", f"{impl},{variant},{case},{batch}"])
-                vc = med(ts) / med(times["torch.compile"]) if "torch.compile" in times else None
-                rows.append(
-                    dict(
-                        label=label,
-                        impl=k,
-                        median=med(ts),
-                        vs_eager=med(ts) / eager,
-                        vs_compile=vc,
-                        compile_s=compile_s[k],
-                        rss=rss,
-                        diff=diff,
-                    )
-                )
+                    rss = run_isolated(__file__, ["--single", f"{k},{variant},{case},{batch},{args.size}"])
+                m = med(times[k])
+                ratios = {b: m / t for b, t in base.items()}
+                rows.append(dict(label=label, kind=k, median=m, ratios=ratios, first_s=first_s[k], rss=rss, **agree[k]))
                 print(
-                    f"  {k:14s} median {fmt_ms(med(ts))}  x{med(ts) / eager:.2f} eager"
-                    + (f"  x{vc:.2f} torch.compile" if vc else "")
-                    + (
-                        f"  peak RSS {rss['peak_rss_mb']:.0f} MB (+{rss['peak_delta_mb']:.0f} over idle)" if rss else ""
-                    ),
+                    f"  {RUNTIMES[k]:29s} median {fmt_ms(m)}  "
+                    + "  ".join(f"x{r:.2f} {b}" for b, r in ratios.items())
+                    + f"  max|d| vs jax f32 {agree[k]['max_abs']:.1e}, argmax {100 * agree[k]['argmax_agreement']:.2f}%"
+                    + (f"  peak RSS {fmt_rss(rss)}" if rss else ""),
                     flush=True,
                 )
-        del hf, model, variables
+        ctx.close()
+        del ctx
         gc.collect()
 
+    present = [(k, name) for k, name in BASELINES if any(k in r["ratios"] for r in rows)]
     print(
-        "\n| case | implementation | median | vs eager | vs torch.compile | compile / 1st call "
-        "| peak RSS (+ over idle) |"
+        "\n| case | runtime | median | "
+        + " | ".join(name for _, name in present)
+        + " | max-abs logit diff vs jax f32 | argmax agreement | compile / 1st call | peak RSS (+ over idle) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---" * (len(present) + 7) + "|")
     for r in rows:
-        vc, rss = fmt_ratio(r["vs_compile"]), fmt_rss(r["rss"])
+        cells = [fmt_ratio(r["ratios"].get(k)) for k, _ in present]
+        diff = "(reference)" if r["kind"] == REFERENCE else f"{r['max_abs']:.1e}"
+        agree = "-" if r["kind"] == REFERENCE else f"{100 * r['argmax_agreement']:.2f}%"
         print(
-            f"| {r['label']} | {r['impl']} | {fmt_ms(r['median'])} | {r['vs_eager']:.2f}x | {vc} | "
-            f"{r['compile_s']:.1f} s | {rss} |"
+            f"| {r['label']} | {RUNTIMES[r['kind']]} | {fmt_ms(r['median'])} | "
+            + "".join(c + " | " for c in cells)
+            + f"{diff} | {agree} | {r['first_s']:.1f} s | {fmt_rss(r['rss'])} |"
         )
 
 
