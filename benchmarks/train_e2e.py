@@ -536,7 +536,8 @@ def main():
         )
     print(
         "\ns/step: median over log intervals after the first; input / dispatch / sync / other: mean per step over the "
-        "same steps (ours: sync waits for queued compute; 'blocked' rows: dispatch = dispatch + compute). "
+        "same steps (ours: sync waits for queued compute; 'blocked' rows: dispatch = dispatch + compute; torch, "
+        "synchronous: dispatch = the whole step). "
         "loss: mean of the last log interval. run wall: the subprocess's trainer call (ours: compile, eval and export "
         "included)."
     )
