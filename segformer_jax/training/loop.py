@@ -177,10 +177,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, timin
             return _train_and_evaluate(config, workdir, stop, timings)
         except StoppedDuringSetup:
             latest = _committed_step(workdir)
+            accum = max(int(config.optimizer.grad_accum_steps), 1)
             if jax.process_index() == 0:
                 print(
-                    f"Stopped by {stop.signal_name} while setting up, before any step of this run: nothing "
-                    "written; "
+                    f"Stopped by {stop.signal_name} at step {(latest or 0) // accum} while setting up, before any "
+                    "step of this run: nothing written; "
                     + (
                         f"the latest checkpoint is {os.path.join(workdir, CHECKPOINT_DIR, str(latest))}"
                         if latest is not None
