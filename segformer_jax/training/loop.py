@@ -358,8 +358,19 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, timings: dict |
             avg["images_per_second"] = window_steps * global_batch / max(elapsed, 1e-9)
             window_start, window_steps = time.time(), 0
             if not np.isfinite(avg["loss"]):
+                last = manager.latest_step()
+                resume = (
+                    f"the last good checkpoint is step {last} in {os.path.join(workdir, CHECKPOINT_DIR)}"
+                    if last is not None
+                    else "no checkpoint was written yet"
+                )
+                precision = (
+                    "train in float32 (--config.model.dtype=float32), " if str(config.model.dtype) != "float32" else ""
+                )
                 raise TrainingError(
-                    f"loss is {avg['loss']} at step {done}; lower the learning rate or enable optimizer.grad_clip_norm"
+                    f"loss is {avg['loss']} at step {done} ({config.model.dtype}); {resume}. Try: {precision}a lower "
+                    "learning rate (--config.optimizer.learning_rate), or gradient clipping "
+                    "(--config.optimizer.grad_clip_norm=1.0)"
                 )
             writer.scalars(done, "train", avg)
             if bar is not None:
