@@ -135,6 +135,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.shuffle_buffer = 2048  # records (still encoded) in the per-epoch shuffle buffer
     c.num_parallel_calls = -1  # parallel decode/augment calls; -1 = AUTOTUNE
     c.prefetch = 2  # batches prefetched
+    c.threads = 0  # tf.data's own thread pool size (1 intra-op thread each); 0 = TensorFlow's shared pools
     c.cache_eval_records = False  # keep the encoded eval records in memory after the first pass
     return c
 
@@ -490,10 +491,16 @@ def _num_calls(cfg):
     return tf.data.AUTOTUNE if n < 0 else max(n, 1)
 
 
-def _options():
+def _options(data_config=None):
     options = tf.data.Options()
     options.deterministic = True
     options.experimental_optimization.map_parallelization = True
+    if data_config is not None:
+        # On few cores tf.data's threads compete with XLA's for the same cores (data_config.threads).
+        threads = int(_get(data_config, "threads") or 0)
+        if threads > 0:
+            options.threading.private_threadpool_size = threads
+            options.threading.max_intra_op_parallelism = 1
     return options
 
 
@@ -557,7 +564,7 @@ def make_train_dataset(
     ds = ds.map(process, num_parallel_calls=_num_calls(data_config), deterministic=True)
     ds = ds.batch(local_batch, drop_remainder=True)
     ds = ds.prefetch(int(_get(data_config, "prefetch")))
-    return ds.with_options(_options())
+    return ds.with_options(_options(data_config))
 
 
 def make_train_iterator(
@@ -648,7 +655,7 @@ def make_eval_dataset(
         ds = ds.concatenate(tf.data.Dataset.from_tensors(filler).repeat(num_pad))
     ds = ds.batch(batch_size, drop_remainder=bool(pad))
     ds = ds.prefetch(int(_get(data_config, "prefetch")))
-    return ds.with_options(_options()), num_batches, n
+    return ds.with_options(_options(data_config)), num_batches, n
 
 
 def make_eval_iterator(data_config, batch_size: int, *, process_index: int = 0, process_count: int = 1) -> EvalIterable:
@@ -678,4 +685,4 @@ def make_original_eval_dataset(
 
     ds = records.map(process, num_parallel_calls=_num_calls(data_config), deterministic=True)
     ds = ds.prefetch(int(_get(data_config, "prefetch")))
-    return ds.with_options(_options()), n
+    return ds.with_options(_options(data_config)), n
