@@ -452,7 +452,8 @@ def _committed_step(workdir: str) -> int | None:
 
 
 def _stopped(stop: StopRequest, done: int, start_step: int, saved: list, workdir: str, accum: int, config) -> dict:
-    seconds = time.time() - stop.received_at if stop.received_at else float("nan")
+    # (several hosts: JAX's C++ handler caught the SIGTERM, this process only learnt of it at the sync point)
+    timing = f"; {time.time() - stop.received_at:.1f} s after the signal" if stop.received_at else ""
     if jax.process_index() == 0:
         where = os.path.join(workdir, CHECKPOINT_DIR, str(done))
         if done > start_step:
@@ -464,7 +465,7 @@ def _stopped(stop: StopRequest, done: int, start_step: int, saved: list, workdir
             what = "no step done yet: nothing saved"
         print(
             f"Stopped by {stop.signal_name} at step {done // accum} of {int(config.total_steps)} "
-            f"({what}; {seconds:.1f} s after the signal). Rerun the same command to resume from {workdir}.",
+            f"({what}{timing}). Rerun the same command to resume from {workdir}.",
             flush=True,
         )
     return {"step": done, "preempted": stop.signal_name}
