@@ -93,12 +93,14 @@ def test_predict_with_quantized_checkpoint(tmp_path, tiny):
 def test_command_line_writes_the_same_checkpoint_as_the_api(tiny, tmp_path, capsys):
     model, variables, f32_dir, q_dir = tiny
     out = tmp_path / "cli-int8"
-    assert Q.main([f32_dir, str(out)]) == 0
+    from segformer_jax import quantize as quantize_cli  # the CLI module
+
+    assert quantize_cli.main([f32_dir, str(out)]) == 0
     assert "wrote" in capsys.readouterr().out
     _, want = Q.load_quantized(q_dir)
     _, got = Q.load_quantized(out)
     jax.tree_util.tree_map(np.testing.assert_array_equal, want, got)
-    assert Q.main([f32_dir, str(out)]) == 2  # exists: nothing replaced
+    assert quantize_cli.main([f32_dir, str(out)]) == 2  # exists: nothing replaced
     assert "pass --overwrite" in capsys.readouterr().err
-    assert Q.main([q_dir, str(tmp_path / "again")]) == 2  # already int8
+    assert quantize_cli.main([q_dir, str(tmp_path / "again")]) == 2  # already int8
     assert "is an int8 weight-only quantized checkpoint" in capsys.readouterr().err

@@ -589,15 +589,18 @@ def test_evaluate_reproduces_the_training_eval_and_scores_at_the_original_size(
     assert json.load(open(tmp_path / "saved_config.json"))["per_class"] == recorded["per_class"]
 
     # --protocol original on images of varied sizes, all resized for inference (eval scale 80): the
-    # prediction is resized back and scored against the stored label, computed here image by image.
+    # prediction is resized back and scored against the stored label. The reference is independent of
+    # the code under test: transformers (the trained weights exported to HF) on each unpadded resized
+    # image, torch F.interpolate for every resize.
+    import torch
+    import transformers
     from PIL import Image
 
-    from segformer_jax import evaluate
-    from segformer_jax.inference import resize_bilinear
-    from segformer_jax.models.decode_head import upsample_bilinear
-    from segformer_jax.models.preprocess import normalize_images
+    from segformer_jax import evaluate, save_pretrained
 
     model, variables, _ = evaluate.load_model(workdir)
+    hf_dir = save_pretrained(model, variables, tmp_path / "hf", format="hf")
+    hf = transformers.SegformerForSemanticSegmentation.from_pretrained(hf_dir).eval()
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     config = _config_like_run_flags(data_dir)
     config.data.name, config.data.folder = "folder", str(tmp_path / "varied")
@@ -605,6 +608,9 @@ def test_evaluate_reproduces_the_training_eval_and_scores_at_the_original_size(
     config.eval.batch_size = 2  # two groups: 2 images, then 1
     files = _varied_size_folder(tmp_path / "varied", names)
     k = len(names)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+    interpolate = lambda x, size: torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
     expected, near_ties, stored_pixels = np.zeros((k, k), np.int64), 0, 0
     for path in files:
         image = np.asarray(Image.open(path).convert("RGB"))
@@ -612,11 +618,10 @@ def test_evaluate_reproduces_the_training_eval_and_scores_at_the_original_size(
         h, w = label.shape
         f = min(80 / max(h, w), 80 / min(h, w))  # mmcv keep-ratio rescale to (80, 80)
         size = (int(h * f + 0.5), int(w * f + 0.5))
-        padded = tuple(-(-n // 32) * 32 for n in size)  # zero-padded to multiples of 32 (the bucket)
-        tile = np.zeros(padded + (3,), np.float32)
-        tile[: size[0], : size[1]] = normalize_images(resize_bilinear(image, size))
-        logits = upsample_bilinear(model.apply(variables, tile[None]), padded)[0, : size[0], : size[1]]
-        logits = resize_bilinear(np.asarray(logits), (h, w))
+        with torch.no_grad():
+            x = interpolate(torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None], size)
+            logits = interpolate(interpolate(hf((x - mean) / std).logits, size), (h, w))
+        logits = logits[0].permute(1, 2, 0).numpy()
         top2 = np.sort(logits, axis=-1)[..., -2:]
         valid = label != 255
         near_ties += int(np.sum((top2[..., 1] - top2[..., 0] < 1e-4) & valid))
