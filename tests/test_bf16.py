@@ -15,6 +15,8 @@ import torch
 import segformer_jax as sj
 from segformer_jax.models import kernels
 
+FAST_COMPILE = {"xla_backend_optimization_level": 0}  # same function, faster XLA:CPU compiles
+
 
 @pytest.fixture(autouse=True)
 def every_matmul_reduced(monkeypatch):
@@ -63,37 +65,31 @@ def test_bf16_program_has_bf16_matmuls_with_f32_accumulation_and_f32_elementwise
 
 
 def test_bf16_training_step_keeps_float32_parameters_and_gradients(pair):
-    _, _, model16, variables = pair
-    x = reference.images(2, 64, 64, seed=4)
-    labels = np.random.default_rng(0).integers(0, model16.config.num_labels, (2, 64, 64))
     from segformer_jax.training import losses
 
-    def loss_fn(params):
-        logits, _ = model16.apply(
-            {"params": params, "batch_stats": variables["batch_stats"]},
-            x,
-            train=True,
-            mutable=["batch_stats"],
-            rngs={"dropout": jax.random.key(0)},
-        )
-        return losses.semantic_segmentation_loss(logits, jnp.asarray(labels))
+    _, model32, model16, variables = pair
+    x = reference.images(2, 64, 64, seed=4)
+    labels = jnp.asarray(np.random.default_rng(0).integers(0, model16.config.num_labels, (2, 64, 64)))
 
-    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(variables["params"])
-    assert np.isfinite(float(loss))
-    leaves = jax.tree_util.tree_leaves(grads)
-    assert all(g.dtype == jnp.float32 for g in leaves) and all(np.all(np.isfinite(g)) for g in leaves)
-    g32 = jax.grad(
-        lambda p: losses.semantic_segmentation_loss(
-            sj.SegformerForSemanticSegmentation(model16.config).apply(
-                {"params": p, "batch_stats": variables["batch_stats"]},
+    def loss_and_grads(model):
+        def loss_fn(params):
+            logits, _ = model.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]},
                 x,
                 train=True,
                 mutable=["batch_stats"],
                 rngs={"dropout": jax.random.key(0)},
-            )[0],
-            jnp.asarray(labels),
-        )
-    )(variables["params"])
+            )
+            return losses.semantic_segmentation_loss(logits, labels)
+
+        fn = jax.jit(jax.value_and_grad(loss_fn)).lower(variables["params"])
+        return fn.compile(compiler_options=FAST_COMPILE)(variables["params"])
+
+    loss, grads = loss_and_grads(model16)
+    assert np.isfinite(float(loss))
+    leaves = jax.tree_util.tree_leaves(grads)
+    assert all(g.dtype == jnp.float32 for g in leaves) and all(np.all(np.isfinite(g)) for g in leaves)
+    _, g32 = loss_and_grads(model32)
     flat16 = np.concatenate([np.ravel(g) for g in leaves])
     flat32 = np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(g32)])
     cosine = flat16 @ flat32 / np.linalg.norm(flat16) / np.linalg.norm(flat32)
