@@ -443,7 +443,10 @@ def deep_tiny():
 
 
 # (scan alone is the scan + remat path without jax.checkpoint: left out to keep the suite short)
-@pytest.mark.parametrize("changes", [dict(remat_blocks=True), dict(scan_blocks=True, remat_blocks=True)])
+@pytest.mark.parametrize(
+    "changes",
+    [dict(remat_blocks=True), pytest.param(dict(scan_blocks=True, remat_blocks=True), marks=pytest.mark.slow)],
+)
 def test_scanned_and_rematerialised_blocks_are_the_same_function(changes, deep_tiny):
     """Same parameters, same logits, loss and gradients as the plain module path, and with stochastic
     depth on the same masks for the same key: the encoder draws every block's at once, so both paths

@@ -405,6 +405,7 @@ def test_two_process_run_trains_checkpoints_exports_and_resumes(tmp_path, data_d
         assert got["num_pixels"] == recorded["num_pixels"] and abs(got["mIoU"] - recorded["mIoU"]) < 1e-3
 
 
+@pytest.mark.slow  # kill -9 and bit-identical resume also run unmarked in tests/test_preemption.py
 def test_resume_after_kill_is_bit_exact(uninterrupted_run, tmp_path, data_dir, compile_cache):
     reference_dir, _ = uninterrupted_run
     workdir = str(tmp_path / "interrupted")
