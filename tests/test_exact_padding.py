@@ -116,12 +116,16 @@ def test_training_eval_on_fixed_shape_batches_equals_per_image_transformers(hf_a
         assert np.abs(logits).max() > 3  # order-10 logits: padding would matter
         want += _confusion(lab, logits.argmax(-1), k)
 
+    # A filler example, as the last eval batch has (valid False, size 0): scored nowhere, computed finitely.
+    batch = {key: np.concatenate([v, np.zeros_like(v[:1])]) for key, v in batch.items()}
+    batch["label"][-1] = 255
     config = ml_collections.ConfigDict({"eval": {"mode": "whole", "crop_size": None, "stride": None}})
     eval_step = jax.jit(make_eval_step(model, config, k))
     matrix, preds = eval_step(variables, batch)
     np.testing.assert_array_equal(np.asarray(matrix), want)
     for i, (h, w) in enumerate(SIZES):
         assert np.all(np.asarray(preds)[i, :h, :w] >= 0)
+    assert np.all(np.asarray(preds)[-1] >= 0)
 
     # The padded form (what the eval computed before: no image sizes) is visibly off.
     padded, _ = eval_step(variables, {key: v for key, v in batch.items() if key != "image_size"})

@@ -82,7 +82,12 @@ def make_eval_step(model, config, num_classes: int, ignore_index: int = 255):
 
         images, labels = batch["image"], batch["label"]
         # Each image's own size inside the fixed eval shape: its logits are those of the unpadded image.
-        valid_size = batch.get("image_size") if mode == "whole" else None
+        # Filler examples of the last batch (valid False, size 0) count as full-size images: no pixel
+        # of theirs is scored, and an empty image has no attention keys.
+        valid_size = None
+        if mode == "whole" and "image_size" in batch:
+            full = jnp.asarray(images.shape[1:3], jnp.int32)
+            valid_size = jnp.where(batch["valid"][:, None], batch["image_size"].astype(jnp.int32), full)
         logits = metrics.predict(
             logits_fn,
             images,
