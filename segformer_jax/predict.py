@@ -440,14 +440,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in ("scale", "crop", "stride"):
             if getattr(args, name) is not None:
                 given[name] = _pair(getattr(args, name), f"--{name}")  # 'none' is a choice, not "unset"
-        saved = inference.load_settings(args.model) if os.path.isdir(args.model) else {}
+        model_dir = args.model
+        if not os.path.exists(model_dir):  # a Hub id: its (cached) snapshot carries the preprocessing
+            from segformer_jax.pretrained import looks_like_hub_id, resolve_source
+
+            model_dir = resolve_source(model_dir) if looks_like_hub_id(model_dir) else model_dir
+        saved = inference.load_settings(model_dir) if os.path.isdir(model_dir) else {}
         from_model = {k: v for k, v in saved.items() if k not in given}
         if "scale" in given:
             from_model.pop("size", None)  # --scale replaces the processor's fixed resize
         if from_model:
             source = (
                 f"as evaluated in training ({inference.SETTINGS_NAME})"
-                if os.path.isfile(os.path.join(args.model, inference.SETTINGS_NAME))
+                if os.path.isfile(os.path.join(model_dir, inference.SETTINGS_NAME))
                 else "its transformers preprocessor_config.json"
             )
             print(
@@ -456,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         settings = {"mode": "whole", "scale": (2048, 512), **from_model, **given}
         config = inference.InferenceConfig(ratios=ratios, flip=args.flip, bucket=bucket, **settings)
-    except (ValueError, argparse.ArgumentTypeError) as e:
+    except (ValueError, FileNotFoundError, argparse.ArgumentTypeError) as e:  # HubError is a FileNotFoundError
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:

@@ -86,7 +86,7 @@ class HubError(FileNotFoundError):
 
 # What from_pretrained reads from a Hub repo: config.json, then the safetensors weights, and
 # pytorch_model.bin only when the repo has no safetensors (never both, never the rest of the repo).
-HUB_CONFIG_PATTERNS = [CONFIG_NAME]
+HUB_CONFIG_PATTERNS = [CONFIG_NAME, PREPROCESSOR_NAME]  # the preprocessing sets predict's defaults
 HUB_SAFETENSORS_PATTERNS = ["model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"]
 HUB_TORCH_PATTERNS = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")

@@ -362,3 +362,29 @@ def random_variables(model, seed: int = 0) -> dict:
     bn["var"] = np.ones_like(bn["var"])
     bn["num_batches_tracked"] = np.zeros((), np.int32)
     return variables
+
+
+@torch.no_grad()
+def pipeline_reference(config_kwargs: dict, calibration_nchw: torch.Tensor, *, seed: int = 0) -> torch.nn.Module:
+    """transformers' segmentation model for the inference / padding tests, with weights under which
+    padding moves every logit: fan-in-scaled normal weights and random biases everywhere, perturbed
+    norms and BatchNorm statistics, logits scaled to order 10 on `calibration_nchw` (normalised)."""
+    torch.manual_seed(seed)
+    ref = transformers.SegformerForSemanticSegmentation(
+        transformers.SegformerConfig(**config_kwargs, initializer_range=0.3)
+    ).eval()
+    g = torch.Generator().manual_seed(seed)
+    for module in ref.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            module.weight.normal_(0, 1.0 / np.sqrt(module.weight[0].numel()), generator=g)
+            if module.bias is not None:
+                module.bias.normal_(0, 0.1, generator=g)
+        if isinstance(module, (torch.nn.LayerNorm, torch.nn.BatchNorm2d)):
+            module.weight.copy_(1 + 0.3 * torch.randn(module.weight.shape, generator=g))
+            module.bias.copy_(0.2 * torch.randn(module.bias.shape, generator=g))
+    ref.decode_head.batch_norm.running_var.uniform_(0.5, 1.5, generator=g)
+    ref.decode_head.batch_norm.running_mean.normal_(0, 0.1, generator=g)
+    peak = ref(calibration_nchw).logits.abs().max()
+    ref.decode_head.classifier.weight.mul_(10 / peak)
+    ref.decode_head.classifier.bias.mul_(10 / peak)
+    return ref

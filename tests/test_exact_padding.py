@@ -40,6 +40,8 @@ STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
 
 @pytest.fixture(scope="module")
 def hf_and_flax():
+    """transformers' weights at initializer_range 0.3, perturbed norms, logits of order 10 (under
+    reference.pipeline_reference's weights the padded eval misses less often on these images)."""
     torch.manual_seed(0)
     ref = transformers.SegformerForSemanticSegmentation(
         transformers.SegformerConfig(**TINY, initializer_range=0.3)

@@ -182,6 +182,11 @@ def test_clis_take_hub_ids(hub_cache, tmp_path, monkeypatch, capsys):
     argv = ["--model", REPO, "--output", str(tmp_path / "pred"), "--scale", "64x64", "--quiet", str(tmp_path / "a.png")]
     assert predict.main(argv) == 0
     assert os.listdir(tmp_path / "pred")
+    capsys.readouterr()
+    # Without flags, the cached snapshot's preprocessor_config.json sets the defaults (its own size here).
+    argv = ["--model", REPO, "--output", str(tmp_path / "pred2"), "--quiet", str(tmp_path / "a.png")]
+    assert predict.main(argv) == 0
+    assert "preprocessor_config.json: mode whole, scale None" in capsys.readouterr().err
 
     from segformer_jax.training.state import build_model
 

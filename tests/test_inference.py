@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import transformers
 
 F = torch.nn.functional
 
@@ -35,27 +34,10 @@ TOLERANCE = 1e-4  # logits of order 10; float32 noise of both sides is ~1e-5
 
 
 def _hf_reference():
-    torch.manual_seed(0)
-    ref = transformers.SegformerForSemanticSegmentation(
-        transformers.SegformerConfig(**TINY, initializer_range=0.3)
-    ).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in ref.modules():
-            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-                module.weight.normal_(0, 1.0 / np.sqrt(module.weight[0].numel()), generator=g)
-                if module.bias is not None:
-                    module.bias.normal_(0, 0.1, generator=g)
-            if isinstance(module, (torch.nn.LayerNorm, torch.nn.BatchNorm2d)):
-                module.weight.copy_(1 + 0.3 * torch.randn(module.weight.shape, generator=g))
-                module.bias.copy_(0.2 * torch.randn(module.bias.shape, generator=g))
-        ref.decode_head.batch_norm.running_var.uniform_(0.5, 1.5, generator=g)
-        ref.decode_head.batch_norm.running_mean.normal_(0, 0.1, generator=g)
-        x = (torch.from_numpy(_image(64, 96).astype(np.float32)).permute(2, 0, 1)[None] - MEAN) / STD
-        peak = ref(x).logits.abs().max()
-        ref.decode_head.classifier.weight.mul_(10 / peak)
-        ref.decode_head.classifier.bias.mul_(10 / peak)
-    return ref
+    import reference
+
+    x = (torch.from_numpy(_image(64, 96).astype(np.float32)).permute(2, 0, 1)[None] - MEAN) / STD
+    return reference.pipeline_reference(TINY, x)
 
 
 @pytest.fixture(scope="module")
