@@ -88,16 +88,17 @@ def activation_dtype(compute_dtype):
     return jnp.float32
 
 
-MIN_REDUCED_CPU_DIM = 64  # see `reduced_pays`
+MIN_REDUCED_CPU_DIM = 32  # see `reduced_pays`
 
 
 def reduced_pays(contracted: int, out: int) -> bool:
     """Whether a matmul contracting `contracted` into `out` features runs faster in bfloat16.
 
-    On CPU a bfloat16 matmul costs two conversions of its float32 operands besides the products;
-    measured on this project's CPU (AMX), (16384 x 32) @ (32 x 128) and (16384 x 128) @ (128 x 32) ran
-    as fast or up to 1.7x slower in bfloat16 than in float32, (4096 x 64) @ (64 x 256) 1.6x and
-    (16384 x 256) @ (256 x 256) 1.8x faster: narrow matmuls stay float32 there. Accelerators: always."""
+    On CPU a bfloat16 matmul costs two conversions of its float32 operands besides the products, so
+    the narrowest ones stay float32. The threshold is the fastest of 1, 16, 32, 64, 128 for the whole
+    b0 / b2 forward at 512x512 on this project's CPU (AMX), same process: b0 51.5-53.6 ms at 32 (56.4 at
+    64, 53.1 with every matmul in bfloat16, 62 in float32), b2 211-228 ms (231 at 64, 266-277 in
+    float32). Accelerators: always."""
     if jax.default_backend() != "cpu":
         return True
     return min(contracted, out) >= MIN_REDUCED_CPU_DIM
