@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from segformer_jax.inference import slide_windows  # mmseg's window grid, shared with predict
+from segformer_jax.inference.tiling import logits_size, slide_windows  # shared with predict
 from segformer_jax.models.kernels import resize_bilinear, resize_bilinear_valid
 
 # Flush the on-device int32 matrix to the host int64 one before 2^31 pixels can have been counted.
@@ -173,9 +173,8 @@ def predict_whole(logits_fn: Callable, images, out_size=None, valid_size=None):
         return upsample_logits(logits_fn(images), out_size)
     if out_size != tuple(images.shape[1:3]):
         raise ValueError(f"valid_size needs labels of the images' size {images.shape[1:3]}; got {out_size}")
-    logits_size = (valid_size - 1) // 4 + 1  # the network's ceil(h/4)
     logits = logits_fn(images, valid_size).astype(jnp.float32)
-    return resize_bilinear_valid(logits, out_size, logits_size, valid_size)
+    return resize_bilinear_valid(logits, out_size, logits_size(valid_size), valid_size)
 
 
 def predict_slide(

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from segformer_jax.fileio import atomic_write_bytes
-from segformer_jax.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize_images
+from segformer_jax.models.preprocess import normalize_images
 
 
 # ------------------------------------------------------------------------------------ geometry
@@ -408,19 +408,13 @@ def _resized_size(h0: int, w0: int, cfg: InferenceConfig, ratio: float) -> tuple
     return keep_ratio_size(h0, w0, cfg.scale, ratio, cfg.size_divisor)
 
 
-def _normalise(x: np.ndarray, cfg: InferenceConfig) -> np.ndarray:
-    mean = np.asarray(cfg.mean if cfg.mean is not None else IMAGENET_MEAN, np.float32)
-    std = np.asarray(cfg.std if cfg.std is not None else IMAGENET_STD, np.float32)
-    return ((np.asarray(x, np.float32) - mean) / std).astype(np.float32)
-
-
 def _plan(image: np.ndarray, cfg: InferenceConfig) -> list[_Aug]:
     h0, w0 = image.shape[:2]
     augs = []
     for ratio, flip in cfg.augmentations:
         size = _resized_size(h0, w0, cfg, ratio)
         x = resize_bilinear(image, size)
-        x = normalize_images(x) if cfg.mean is None and cfg.std is None else _normalise(x, cfg)
+        x = normalize_images(x, cfg.mean, cfg.std)
         if flip:
             x = x[:, ::-1]
         if cfg.mode == "whole":
@@ -515,7 +509,7 @@ def _padded_axis(n_in: int, n_out: int, flip: bool = False):
     )
 
 
-def _logits_size(n: int) -> int:
+def logits_size(n):
     """The network's logits size for n input pixels (stage 1: kernel 7, stride 4, padding 3): ceil(n/4)."""
     return (n - 1) // 4 + 1
 
@@ -525,7 +519,7 @@ def _tile_axes(logits, tile_size, valid_size, exact: bool):
     `exact`, the tile's valid part's logits to the valid part (the padding takes no part), otherwise
     the padded tile's logits to the padded tile."""
     if exact:
-        return tuple(_axis_weights(_logits_size(n), n) for n in valid_size)
+        return tuple(_axis_weights(logits_size(n), n) for n in valid_size)
     return tuple(_axis_weights(n_in, n_out) for n_in, n_out in zip(logits.shape[:2], tile_size))
 
 

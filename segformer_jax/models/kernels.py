@@ -110,12 +110,11 @@ def matmul(x, w, compute_dtype, out_dtype=None):
     `reduced_pays`); the result is `out_dtype` (default: the activation dtype)."""
     out_dtype = activation_dtype(compute_dtype) if out_dtype is None else out_dtype
     x2 = x.reshape(-1, x.shape[-1])
-    if is_reduced(compute_dtype) and not reduced_pays(*w.shape):
-        return (x2.astype(jnp.float32) @ w.astype(jnp.float32)).astype(out_dtype).reshape(*x.shape[:-1], w.shape[-1])
-    if is_reduced(compute_dtype):
+    if is_reduced(compute_dtype) and reduced_pays(*w.shape):
         y = jnp.dot(x2.astype(compute_dtype), w.astype(compute_dtype), preferred_element_type=jnp.float32)
     else:
-        y = x2.astype(compute_dtype) @ w.astype(compute_dtype)
+        operand = jnp.float32 if is_reduced(compute_dtype) else compute_dtype
+        y = x2.astype(operand) @ w.astype(operand)
     return y.astype(out_dtype).reshape(*x.shape[:-1], w.shape[-1])
 
 
