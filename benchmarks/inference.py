@@ -126,10 +126,12 @@ def jax_runtime(kind: str, ctx: Context, example) -> Runtime:
 
     import segformer_jax
     from segformer_jax.deploy import quantize
+    from segformer_jax.models import kernels
 
     model, variables = ctx.model, ctx.variables
     if kind == "jax-bf16":
         model = segformer_jax.SegformerForSemanticSegmentation(model.config, dtype=jnp.bfloat16)
+        variables = kernels.weights_for_compute(variables, jnp.bfloat16)  # as from_pretrained(dtype=...)
     if kind == "jax-int8":
         variables = jax.tree_util.tree_map(jnp.asarray, quantize.quantize_variables(variables))
         apply = jax.jit(quantize.quantized_apply(model))

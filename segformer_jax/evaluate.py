@@ -129,10 +129,11 @@ def load_model(path: str, *, step: int | None = None, best: bool = False, dtype:
 
     state = restore_state_here(os.path.join(ckpt_dir, str(step)))  # also checkpoints of multi-host runs
     config = SegformerConfig.from_hf_dict(meta["model_config"], source=f"{ckpt_dir}/{step}")
-    from segformer_jax.models.kernels import compute_dtype
+    from segformer_jax.models.kernels import compute_dtype, weights_for_compute
 
     model = SegformerForSemanticSegmentation(config, dtype=compute_dtype(dtype or meta.get("model_dtype", "float32")))
     variables = jax.tree_util.tree_map(jnp.asarray, {"params": state["params"], "batch_stats": state["batch_stats"]})
+    variables = weights_for_compute(variables, model.dtype)
     return model, variables, f"{ckpt_dir}/{step}"
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from segformer_jax.fileio import atomic_directory
 from segformer_jax.models.config import HF_LAYER_NORM_EPS, ConfigError, SegformerConfig
-from segformer_jax.models.kernels import compute_dtype
+from segformer_jax.models.kernels import compute_dtype, weights_for_compute
 from segformer_jax.models.model import ARCHITECTURES, architecture_name
 from segformer_jax.xla_options import init_compiler_options
 
@@ -278,6 +278,7 @@ def from_pretrained(
     cache_dir: str | os.PathLike | None = None,
     token: str | bool | None = None,
     local_files_only: bool = False,
+    cast_weights: bool = True,
     **config_overrides,
 ):
     """Load a SegFormer from a Hugging Face Hub id or directory (config.json + model.safetensors or
@@ -294,6 +295,11 @@ def from_pretrained(
     revision / cache_dir / token / local_files_only: for a Hugging Face Hub id given as `path`
         ('nvidia/segformer-b0-finetuned-ade-512-512'; a local path of that name wins), read through
         huggingface_hub's cache (HF_HUB_OFFLINE=1 reads only the cache); see `resolve_source`.
+    dtype: the compute dtype, 'float32' (default, exact) or 'bfloat16' (bfloat16 matmuls / convs with
+        float32 accumulation; see `models.kernels`).
+    cast_weights: with a reduced dtype, store the kernels the model would cast on every call as copies
+        in that dtype (`kernels.weights_for_compute`: same results, faster, half their memory). False
+        keeps every parameter float32: master weights to fine-tune or save.
     config_overrides: other SegformerConfig fields, e.g. drop_path_rate=0.1, layer_norm_eps=1e-6.
     """
     from weights_convert.convert import torch_state_to_flax
@@ -380,6 +386,8 @@ def from_pretrained(
             "%s: checkpoint tensors not used by %s:\n    %s", path, architecture, "\n    ".join(report["unused"])
         )
     variables = jax.tree_util.tree_map(jnp.asarray, loaded)
+    if cast_weights:
+        variables = weights_for_compute(variables, model.dtype)
     return model, variables
 
 

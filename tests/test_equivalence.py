@@ -372,3 +372,28 @@ def test_dropout_and_drop_path_are_active_in_train_mode(tiny_flax):
     )
     a, b, a2 = run(0), run(1), run(0)
     assert max_abs_diff(a, a2) == 0.0 and max_abs_diff(a, b) > 1e-2
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_dropout_draws_the_rate_and_keeps_the_expectation(rate):
+    """layers.Dropout (16 random bits an element): the dropped fraction is the rate to within sampling
+    error, kept values are scaled so the mean is the input's, the same key gives the same mask, and
+    odd sizes (a half-used last word) work."""
+    from segformer_jax.models.layers import Dropout
+
+    x = jnp.ones((3, 101, 67, 5))
+    drop = Dropout(rate)
+    y = np.asarray(drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(0)}))
+    n = y.size
+    dropped = np.mean(y == 0)
+    assert abs(dropped - rate) < 5 * np.sqrt(rate * (1 - rate) / n)
+    assert abs(y.mean() - 1.0) < 5 * np.sqrt(rate / (1 - rate) / n)
+    kept = np.unique(y[y != 0])
+    np.testing.assert_allclose(kept, 65536 / (65536 - round(rate * 65536)), rtol=1e-6)
+    again = drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(0)})
+    other = drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    assert np.array_equal(y, again) and not np.array_equal(y, other)
+    # neighbouring elements come from the two halves of one 32-bit word: not correlated
+    a, b = (y.reshape(-1)[: n // 2 * 2].reshape(-1, 2) == 0).T
+    assert abs(np.corrcoef(a, b)[0, 1]) < 0.02
+    assert np.array_equal(drop.apply({}, x, deterministic=True), x)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from segformer_jax.models import kernels
 from segformer_jax.models.config import SegformerConfig
-from segformer_jax.models.layers import Dense, conv_init, dense_init
+from segformer_jax.models.layers import Dense, Dropout, conv_init, dense_init
 
 Dtype = Any
 
@@ -152,7 +152,7 @@ class DecodeHead(nn.Module):
 
         x = BatchNorm(dtype=self.dtype, name="batch_norm")(x, train=train)
         x = nn.relu(x)
-        x = nn.Dropout(cfg.classifier_dropout_prob, deterministic=not train)(x)
+        x = Dropout(cfg.classifier_dropout_prob, deterministic=not train)(x)
         logits = Conv1x1(cfg.num_labels, kernel_init=conv_init(1, cfg.num_labels), dtype=self.dtype, name="classifier")(
             x
         )

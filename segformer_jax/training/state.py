@@ -138,7 +138,12 @@ def build_model(config, class_names) -> tuple[SegformerForSemanticSegmentation, 
         from segformer_jax.pretrained import from_pretrained
 
         model, variables = from_pretrained(
-            config.model.init_from, id2label=id2label, dtype=dtype, seed=config.seed, **_model_overrides(config.model)
+            config.model.init_from,
+            id2label=id2label,
+            dtype=dtype,
+            seed=config.seed,
+            cast_weights=False,  # float32 master weights
+            **_model_overrides(config.model),
         )
         return model, variables
     model_config = SegformerConfig.preset(
