@@ -38,6 +38,7 @@ overlaps the others' (texture tells them apart, not colour); 1-2 px ignore (255)
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import json
 import os
@@ -217,7 +218,7 @@ def _eval_pad(root: str):
 # ------------------------------------------------------------------ our loop
 
 
-def our_config(root: str, steps: int, dtype: str, log_every: int):
+def our_config(root: str, steps: int, dtype: str, log_every: int, overrides=()):
     """configs/folder.py's get_config('b0') with the recipe's overrides (the train.py command line:
     --config configs/folder.py --config.data.folder=... --config.total_steps=... and so on)."""
     spec = importlib.util.spec_from_file_location("folder_config", os.path.join(ROOT, "configs", "folder.py"))
@@ -248,13 +249,27 @@ def our_config(root: str, steps: int, dtype: str, log_every: int):
     c.eval.batch_size = BATCH
     c.checkpoint.every_steps = 0  # checkpoint at the end only
     c.progress_bar = False
+    for item in overrides:  # --set data.threads=1: what --config.data.threads=1 does for train.py
+        key, _, value = item.partition("=")
+        *parents, leaf = key.split(".")
+        node = c
+        for part in parents:
+            node = node[part]
+        current = node[leaf]
+        node[leaf] = (
+            value
+            if isinstance(current, str)
+            else type(current)(ast.literal_eval(value))
+            if current is not None
+            else ast.literal_eval(value)
+        )
     return c
 
 
 def run_ours(args, root: str) -> dict:
     from segformer_jax import training
 
-    config = our_config(root, args.steps, args.dtype_one, args.log_every)
+    config = our_config(root, args.steps, args.dtype_one, args.log_every, args.set)
     timings = {"block": args.block_one}
     workdir = tempfile.mkdtemp(prefix="bench_e2e_")
     try:
@@ -480,6 +495,9 @@ def main():
     p.add_argument("--log-every", type=int, default=50, help="log interval (configs/folder.py: 50)")
     p.add_argument("--block", action="store_true", help="add rows of our loop awaiting every step")
     p.add_argument("--only", nargs="+", choices=list(ROWS), help="run only these rows")
+    p.add_argument(
+        "--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides of our rows, e.g. data.threads=1"
+    )
     p.add_argument("--single", choices=list(ROWS), help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -500,6 +518,8 @@ def main():
         if dt in dtypes and (args.block or not blk) and (not args.only or n in args.only)
     ]
     common = ["--steps", str(args.steps), "--seed", str(args.seed), "--log-every", str(args.log_every), "--root", root]
+    if args.set:
+        common += ["--set", *args.set]
     print(
         f"{time.strftime('%Y-%m-%d %H:%M')}: b0, {NUM_CLASSES} classes, {len(_pairs(root, 'train'))} train images "
         f"({root}), {CROP}x{CROP} crops, batch {BATCH}, {args.steps} steps, log every {args.log_every}",
