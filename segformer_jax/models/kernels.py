@@ -108,10 +108,11 @@ def weights_for_compute(variables, compute_dtype):
     """`variables` with each matmul / convolution kernel stored in a reduced `compute_dtype` where the
     model casts it to that dtype anyway (`matmul`, `conv`): the same computation without converting
     the weights on every call (b0 512x512 bfloat16 on CPU: 39 vs 42-44 ms, same process). Not
-    bit-identical: XLA may keep a float32 weight's excess precision through its bfloat16 round trip. Everything else stays as it
-    is: LayerNorm / BatchNorm parameters and statistics, biases, depthwise kernels (elementwise work),
-    matmuls that stay float32 (`reduced_pays`) and the decode head's projections and fuse, which are
-    folded into one kernel per stage in float32 before use. float32: `variables` unchanged."""
+    bit-identical: XLA may keep a float32 weight's excess precision through its bfloat16 round trip.
+    Everything else stays as it is: LayerNorm / BatchNorm parameters and statistics, biases,
+    depthwise kernels (elementwise work), matmuls that stay float32 (`reduced_pays`) and the decode
+    head's projections and fuse, which are folded into one kernel per stage in float32 before use.
+    float32: `variables` unchanged."""
     if not is_reduced(compute_dtype):
         return variables
 
