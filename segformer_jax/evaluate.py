@@ -83,6 +83,33 @@ def _checkpoint_dir(path: str) -> str | None:
     return None
 
 
+def use_model_normalisation(config, model_dir: str) -> str | None:
+    """A model directory evaluated with `--config`: the images are normalised as the model's own
+    `preprocessor_config.json` says (its mean / std), not as the config's data section does, when the
+    two differ; -> what was changed, or None. Resizing stays the config's eval protocol."""
+    from segformer_jax.inference.tiling import settings_from_preprocessor
+    from segformer_jax.pretrained import read_preprocessor_config
+
+    if _checkpoint_dir(os.path.abspath(model_dir)) is not None or not os.path.isdir(model_dir):
+        return None
+    processor = read_preprocessor_config(model_dir)
+    if processor is None:
+        return None
+    settings = settings_from_preprocessor(processor, os.path.join(model_dir, "preprocessor_config.json"))
+    mean, std = tuple(settings["mean"]), tuple(settings["std"])
+    import numpy as np
+
+    if np.allclose(mean, config.data.mean, atol=1e-4) and np.allclose(std, config.data.std, atol=1e-4):
+        return None
+    old = (tuple(config.data.mean), tuple(config.data.std))
+    config.data.mean, config.data.std = mean, std
+    fmt = lambda v: "(" + ", ".join(f"{x:.3f}" for x in v) + ")"  # noqa: E731
+    return (
+        f"normalising with {model_dir}/preprocessor_config.json: mean {fmt(mean)}, std {fmt(std)} "
+        f"(the config's: mean {fmt(old[0])}, std {fmt(old[1])})"
+    )
+
+
 def load_model(path: str, *, step: int | None = None, best: bool = False, dtype: str | None = None):
     """-> (model, variables, description) from a workdir checkpoint or a from_pretrained directory.
     dtype: compute dtype ('float32' / 'bfloat16'); None: a checkpoint's training dtype, else float32."""
@@ -324,6 +351,10 @@ def main(argv):
             config = training.read_config(os.path.dirname(ckpt_dir))  # the workdir holding checkpoints/
         except training.TrainingError as err:
             raise app.UsageError(str(err)) from None
+    else:
+        note = use_model_normalisation(config, _CHECKPOINT.value)
+        if note:
+            print(note)
     logging.set_verbosity(logging.WARNING)
     enable_compilation_cache(_CACHE.value)
     training.maybe_initialize_distributed(config)

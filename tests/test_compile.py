@@ -133,7 +133,9 @@ def test_loop_compiles_the_step_ahead_then_releases_the_compilers_memory(tiny, m
     ]
     losses = {}
     for name in ("jit", "ahead"):
-        setup = training.build_training(config, model, num_classes=5)
+        setup = training.build_training(
+            config, model, num_classes=5, compiler_options={"xla_backend_optimization_level": 0}
+        )
         state = setup.init_state()
         step = setup.train_step if name == "jit" else loop.compile_then_release(setup.train_step)
         batches = [training.shard_batch(b, setup.batch_sharding) for b in host]

@@ -673,3 +673,31 @@ def test_eval_pictures_leave_the_padding_uncoloured():
     )
     prediction_cell = grid[:8, 2 * 8 + 4 :]  # row 0, third column (gaps of 2 px)
     assert (prediction_cell[5:] == 0).all() and prediction_cell[0, 0, 0] > 0  # padding stays the image (black)
+
+
+def test_evaluate_normalises_a_model_dir_as_its_preprocessor_config_says(tmp_path):
+    """`evaluate --checkpoint MODEL_DIR --config ...`: the model's preprocessor_config.json mean / std
+    (0..1 units) replace the config's (0..255) where they differ, and it says so; the same values, no
+    file, or a training workdir leave the config alone."""
+    from segformer_jax import evaluate
+    from segformer_jax.pretrained import hf_preprocessor_config
+
+    config = _config_like_run_flags(str(tmp_path / "data"))
+    imagenet = (tuple(config.data.mean), tuple(config.data.std))
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    assert evaluate.use_model_normalisation(config, str(model_dir)) is None  # no preprocessor_config.json
+    (model_dir / "preprocessor_config.json").write_text(json.dumps(hf_preprocessor_config()))
+    assert evaluate.use_model_normalisation(config, str(model_dir)) is None  # ImageNet, as the config
+    assert (tuple(config.data.mean), tuple(config.data.std)) == imagenet
+    (model_dir / "preprocessor_config.json").write_text(
+        json.dumps(hf_preprocessor_config(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.5)))
+    )
+    note = evaluate.use_model_normalisation(config, str(model_dir))
+    assert "preprocessor_config.json" in note and "0.485" not in note.split("(the config's")[0]
+    np.testing.assert_allclose(config.data.mean, (127.5, 127.5, 127.5))
+    np.testing.assert_allclose(config.data.std, (63.75, 63.75, 127.5))
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints" / "10").mkdir(parents=True)
+    (workdir / "preprocessor_config.json").write_text(json.dumps(hf_preprocessor_config(mean=(0, 0, 0))))
+    assert evaluate.use_model_normalisation(config, str(workdir)) is None
