@@ -19,6 +19,7 @@ Rows, each in a fresh subprocess (so its peak RSS is its own; the whole process,
     .venv/bin/python benchmarks/train_e2e.py --steps 30 --dtype float32       # a quick look
     .venv/bin/python benchmarks/train_e2e.py --data /path/to/camvid           # real photos (train/ val/)
     .venv/bin/python benchmarks/train_e2e.py --steps 6 --train-images 24 --log-every 2   # smoke test
+    .venv/bin/python benchmarks/train_e2e.py --only "ours f32" --set data.threads=2   # a lever, our rows only
 
 s/step is the median over log intervals (`--log-every`, train.py's 50) after the first (compile,
 warm-up) of the interval's wall time / its steps: our loop dispatches asynchronously and only
@@ -256,13 +257,8 @@ def our_config(root: str, steps: int, dtype: str, log_every: int, overrides=()):
         for part in parents:
             node = node[part]
         current = node[leaf]
-        node[leaf] = (
-            value
-            if isinstance(current, str)
-            else type(current)(ast.literal_eval(value))
-            if current is not None
-            else ast.literal_eval(value)
-        )
+        parsed = value if isinstance(current, str) else ast.literal_eval(value)
+        node[leaf] = parsed if current is None or isinstance(current, str) else type(current)(parsed)
     return c
 
 

@@ -87,6 +87,8 @@ def use_model_normalisation(config, model_dir: str) -> str | None:
     """A model directory evaluated with `--config`: the images are normalised as the model's own
     `preprocessor_config.json` says (its mean / std), not as the config's data section does, when the
     two differ; -> what was changed, or None. Resizing stays the config's eval protocol."""
+    import numpy as np
+
     from segformer_jax.inference.tiling import settings_from_preprocessor
     from segformer_jax.pretrained import read_preprocessor_config
 
@@ -97,8 +99,6 @@ def use_model_normalisation(config, model_dir: str) -> str | None:
         return None
     settings = settings_from_preprocessor(processor, os.path.join(model_dir, "preprocessor_config.json"))
     mean, std = tuple(settings["mean"]), tuple(settings["std"])
-    import numpy as np
-
     if np.allclose(mean, config.data.mean, atol=1e-4) and np.allclose(std, config.data.std, atol=1e-4):
         return None
     old = (tuple(config.data.mean), tuple(config.data.std))

@@ -298,7 +298,8 @@ def from_pretrained(
     dtype: the compute dtype, 'float32' (default, exact) or 'bfloat16' (bfloat16 matmuls / convs with
         float32 accumulation; see `models.kernels`).
     cast_weights: with a reduced dtype, store the kernels the model would cast on every call as copies
-        in that dtype (`kernels.weights_for_compute`: same results, faster, half their memory). False
+        in that dtype (`kernels.weights_for_compute`: the same computation, faster, half their memory;
+        within bfloat16 rounding of the float32-stored weights' results, not bit-identical). False
         keeps every parameter float32: master weights to fine-tune or save.
     config_overrides: other SegformerConfig fields, e.g. drop_path_rate=0.1, layer_norm_eps=1e-6.
     """

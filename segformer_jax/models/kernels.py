@@ -12,10 +12,11 @@ rounding); tests/test_kernels.py checks values and gradients against the plain J
     upsample_columns_phased   the same along W, in column-phase order (to_column_phases)
     upsampled_cross_entropy   bilinear upsample of logits + softmax CE with ignore index, whose
                               VJP recomputes the full-resolution softmax instead of storing it
-    matmul, conv, activation_dtype
+    matmul, conv, activation_dtype, weights_for_compute
                               the precision policy: with a reduced compute dtype (bfloat16), matmuls
                               and convs take it as input and accumulate in float32; activations
-                              between them are float32 on CPU, the compute dtype on accelerators
+                              between them are float32 on CPU, the compute dtype on accelerators;
+                              the kernels they cast can be stored in it once (inference)
 """
 
 from __future__ import annotations

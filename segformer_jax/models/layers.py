@@ -314,8 +314,8 @@ class DWConv(nn.Module):
 
 
 class Dropout(nn.Module):
-    """Element dropout (torch `nn.Dropout`, `nn.Dropout`'s rng collection) drawing 16 random bits per
-    element instead of 32: a threefry hash gives two elements' bits, so the draw costs half. The rate
+    """Element dropout as torch's `nn.Dropout` (flax's 'dropout' rng collection), drawing 16 random bits
+    per element instead of 32: one threefry hash gives two elements' bits, so the draw costs half. The rate
     is kept to 1/65536 (0.1 -> 6554/65536) and kept values are scaled by 1 / that keep rate, so the
     output's expectation is exactly the input. On the decode head's input to the classifier (b0,
     batch 8, 64x64x256) the 32-bit draw was ~60 ms of a ~760 ms training step on this project's CPU."""
