@@ -115,3 +115,23 @@ def test_old_module_path_forwards_to_deploy_export():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert cli.main is export.main
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino", "tflite"])
+def test_bfloat16_export_to_float32_only_formats_is_refused_before_loading(tiny, fmt, tmp_path, capsys):
+    """A bfloat16 ONNX graph does not load in ONNX Runtime (no bfloat16 Einsum / MatMul kernels): the
+    CLI refuses it up front, naming the way to OpenVINO's bfloat16 (a float32 export, its precision
+    hint) and the formats that do carry bfloat16; the Python API refuses a bfloat16 model too."""
+    from segformer_jax import export as cli
+
+    model, variables, _ = tiny
+    out = tmp_path / "m.out"
+    assert cli.main(["--format", fmt, "nowhere/model", str(out), "--size", "64x64", "--dtype", "bfloat16"]) == 2
+    err = capsys.readouterr().err
+    assert f"--format {fmt} exports float32 models only" in err and "INFERENCE_PRECISION_HINT" in err
+    assert "nowhere" not in err  # refused before looking for the model
+    assert os.listdir(tmp_path) == []
+    if fmt == "onnx":
+        bf16 = SegformerForSemanticSegmentation(model.config, dtype="bfloat16")
+        with pytest.raises(ValueError, match="float32 models only"):
+            export.export_onnx(bf16, variables, height=64, width=64)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -246,6 +247,26 @@ class _ClampAsMinMax:
         _CLAMP_LOCK.release()
 
 
+FLOAT32_ONLY_FORMATS = {
+    "onnx": "ONNX Runtime's CPU kernels have no bfloat16 Einsum / MatMul, so a bfloat16 graph does not load",
+    "openvino": "it is converted from the ONNX export, which is float32 only",
+    "tflite": "TFLite's kernels have no bfloat16",
+}
+
+
+def check_float32_format(model, fmt: str) -> None:
+    """A clear error for a bfloat16 model exported to a format whose runtimes cannot run bfloat16."""
+    from segformer_jax.models import kernels
+
+    if fmt in FLOAT32_ONLY_FORMATS and kernels.is_reduced(model.dtype):
+        raise ValueError(
+            f"--format {fmt} exports float32 models only ({FLOAT32_ONLY_FORMATS[fmt]}); export with "
+            "--dtype float32 and choose the precision in the runtime: OpenVINO runs a float32 model in bfloat16 "
+            "on AMX / AVX-512-BF16 CPUs by default (INFERENCE_PRECISION_HINT). bfloat16 artifacts: --format "
+            "stablehlo or savedmodel"
+        )
+
+
 def export_onnx(
     model,
     variables,
@@ -260,6 +281,7 @@ def export_onnx(
     """-> onnx.ModelProto of images[b, height, width, 3] -> logits, through jax2onnx; the batch is
     symbolic ('b') unless `batch` is given. Height and width are fixed: jax2onnx 0.17.1 cannot lower
     the model with symbolic spatial sizes (export one file per serving resolution)."""
+    check_float32_format(model, "onnx")
     _require("onnx", "ONNX export")
     jax2onnx = _require("jax2onnx", "ONNX export")
     if min(height, width) < MIN_SIDE:
@@ -363,6 +385,8 @@ def main(argv=None) -> int:
         if os.path.exists(args.out) and not args.overwrite:
             raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
         kwargs = {"uint8_input": args.uint8_input, "upsample": args.upsample, "batch": args.batch}
+        if args.dtype != "float32" and args.format in FLOAT32_ONLY_FORMATS:
+            check_float32_format(SimpleNamespace(dtype=args.dtype), args.format)  # before the model is loaded
         if args.format in ("onnx", "openvino", "tflite") or size:
             kwargs["height"], kwargs["width"] = size or DEFAULT_SIZE
         if args.format in ("onnx", "openvino"):
