@@ -35,15 +35,22 @@ def main():
     print("|---|---|---|---|---|---|")
     for variant in args.variants:
         cfg = sj.SegformerConfig.preset(variant, num_labels=args.num_labels)
-        ref = build_reference(
-            num_labels=args.num_labels,
-            seed=0,
-            image_size=(h, w),
-            hidden_sizes=cfg.hidden_sizes,
-            depths=cfg.depths,
-            decoder_hidden_size=cfg.decoder_hidden_size,
-            linear_gain=1.7,
-        )
+        for seed in range(8):  # the first seed whose weights meet the reference's preconditions
+            try:
+                ref = build_reference(
+                    num_labels=args.num_labels,
+                    seed=seed,
+                    image_size=(h, w),
+                    hidden_sizes=cfg.hidden_sizes,
+                    depths=cfg.depths,
+                    decoder_hidden_size=cfg.decoder_hidden_size,
+                    linear_gain=1.7,
+                )
+                break
+            except AssertionError as e:  # e.g. attention too close to uniform for this draw
+                print(f"({variant}: seed {seed} misses a precondition: {str(e)[:80]}...)", file=sys.stderr)
+        else:
+            raise SystemExit(f"{variant}: no seed in 0..7 meets the reference's preconditions")
         x = images(1, h, w, seed=1)
         want = expect_logits(ref, x)
         diffs = []
