@@ -73,6 +73,33 @@ def _tiny_training_config():
     return config
 
 
+def _host_batches(config, n: int, seed: int = 0) -> list[dict]:
+    """n random batches of 2 crops for the tiny 5-class training config."""
+    rng = np.random.default_rng(seed)
+    h, w = config.data.crop_size
+    return [
+        {
+            "image": rng.normal(size=(2, h, w, 3)).astype(np.float32),
+            "label": rng.integers(0, 5, size=(2, h, w)).astype(np.int32),
+        }
+        for _ in range(n)
+    ]
+
+
+def _run_counting_compiles(step, state, batches, rng):
+    """Run `step` over `batches`; -> (state, backend compiles per step, losses). Checks each step
+    donated the state it was given."""
+    counts, losses = [], []
+    for b in batches:
+        old = state
+        with count_compiles() as c:
+            state, metrics = step(state, b, rng)
+            losses.append(float(metrics["loss"]))
+        counts.append(c["n"])
+        assert all(x.is_deleted() for x in jax.tree_util.tree_leaves(old.params)), "state not donated"
+    return state, counts, losses
+
+
 def test_real_train_step_compiles_once_and_donates(tiny):
     """`training.build_training`'s step, as train.py runs it: sharded over the 'data' mesh, state donated,
     dropout rng folded with the step. The first call compiles it; further steps (fresh host batches, the
@@ -83,28 +110,8 @@ def test_real_train_step_compiles_once_and_donates(tiny):
     class_names = ["a", "b", "c", "d", "e"]
     model, pretrained = training.build_model(config, class_names)
     setup = training.build_training(config, model, pretrained, num_classes=len(class_names))
-    state = setup.init_state()
-    rng = np.random.default_rng(0)
-    h, w = config.data.crop_size
-
-    def batch():
-        return training.shard_batch(
-            {
-                "image": rng.normal(size=(2, h, w, 3)).astype(np.float32),
-                "label": rng.integers(0, 5, size=(2, h, w)).astype(np.int32),
-            },
-            setup.batch_sharding,
-        )
-
-    batches = [batch() for _ in range(5)]  # put on the devices before counting
-    counts, losses = [], []
-    for b in batches:
-        old = state
-        with count_compiles() as c:
-            state, metrics = setup.train_step(state, b, setup.train_rng)
-            losses.append(float(metrics["loss"]))
-        counts.append(c["n"])
-        assert all(x.is_deleted() for x in jax.tree_util.tree_leaves(old.params)), "state not donated"
+    batches = [training.shard_batch(b, setup.batch_sharding) for b in _host_batches(config, 5)]  # before counting
+    state, counts, losses = _run_counting_compiles(setup.train_step, setup.init_state(), batches, setup.train_rng)
     assert counts[0] >= 1, counts  # the step's program (counting works)
     assert counts[1:] == [0, 0, 0, 0], counts
     assert int(state.step) == 5 and all(np.isfinite(losses))
@@ -122,31 +129,15 @@ def test_loop_compiles_the_step_ahead_then_releases_the_compilers_memory(tiny, m
     monkeypatch.setattr(loop, "release_freed_memory", lambda: released.append(True))
     config = _tiny_training_config()
     model, _ = training.build_model(config, ["a", "b", "c", "d", "e"])
-    rng = np.random.default_rng(0)
-    h, w = config.data.crop_size
-    host = [
-        {
-            "image": rng.normal(size=(2, h, w, 3)).astype(np.float32),
-            "label": rng.integers(0, 5, size=(2, h, w)).astype(np.int32),
-        }
-        for _ in range(3)
-    ]
+    host = _host_batches(config, 3)
     losses = {}
     for name in ("jit", "ahead"):
         setup = training.build_training(
             config, model, num_classes=5, compiler_options={"xla_backend_optimization_level": 0}
         )
-        state = setup.init_state()
         step = setup.train_step if name == "jit" else loop.compile_then_release(setup.train_step)
         batches = [training.shard_batch(b, setup.batch_sharding) for b in host]
-        counts, losses[name] = [], []
-        for b in batches:
-            old = state
-            with count_compiles() as c:
-                state, metrics = step(state, b, setup.train_rng)
-                losses[name].append(float(metrics["loss"]))
-            counts.append(c["n"])
-            assert all(x.is_deleted() for x in jax.tree_util.tree_leaves(old.params)), "state not donated"
+        _, counts, losses[name] = _run_counting_compiles(step, setup.init_state(), batches, setup.train_rng)
         assert counts[0] >= 1 and counts[1:] == [0, 0], (name, counts)
     assert losses["ahead"] == losses["jit"]
     assert released == [True]  # once, after the compile

@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Sequence
-from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -254,11 +253,12 @@ FLOAT32_ONLY_FORMATS = {
 }
 
 
-def check_float32_format(model, fmt: str) -> None:
-    """A clear error for a bfloat16 model exported to a format whose runtimes cannot run bfloat16."""
+def check_float32_format(dtype, fmt: str) -> None:
+    """A clear error for a bfloat16 model (compute `dtype`) exported to a format whose runtimes cannot
+    run bfloat16."""
     from segformer_jax.models import kernels
 
-    if fmt in FLOAT32_ONLY_FORMATS and kernels.is_reduced(model.dtype):
+    if fmt in FLOAT32_ONLY_FORMATS and kernels.is_reduced(dtype):
         raise ValueError(
             f"--format {fmt} exports float32 models only ({FLOAT32_ONLY_FORMATS[fmt]}); export with "
             "--dtype float32 and choose the precision in the runtime: OpenVINO runs a float32 model in bfloat16 "
@@ -281,7 +281,7 @@ def export_onnx(
     """-> onnx.ModelProto of images[b, height, width, 3] -> logits, through jax2onnx; the batch is
     symbolic ('b') unless `batch` is given. Height and width are fixed: jax2onnx 0.17.1 cannot lower
     the model with symbolic spatial sizes (export one file per serving resolution)."""
-    check_float32_format(model, "onnx")
+    check_float32_format(model.dtype, "onnx")
     _require("onnx", "ONNX export")
     jax2onnx = _require("jax2onnx", "ONNX export")
     if min(height, width) < MIN_SIDE:
@@ -385,8 +385,7 @@ def main(argv=None) -> int:
         if os.path.exists(args.out) and not args.overwrite:
             raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
         kwargs = {"uint8_input": args.uint8_input, "upsample": args.upsample, "batch": args.batch}
-        if args.dtype != "float32" and args.format in FLOAT32_ONLY_FORMATS:
-            check_float32_format(SimpleNamespace(dtype=args.dtype), args.format)  # before the model is loaded
+        check_float32_format(args.dtype, args.format)  # before the model is loaded
         if args.format in ("onnx", "openvino", "tflite") or size:
             kwargs["height"], kwargs["width"] = size or DEFAULT_SIZE
         if args.format in ("onnx", "openvino"):
