@@ -10,10 +10,10 @@ from segformer_jax.training import recipes as common
 
 
 def get_config(arg=None):
-    from segformer_jax.data import input_pipeline
+    from segformer_jax.data.config import dataset_preset
 
     variant = common.parse_variant(arg, "b0")
-    data = input_pipeline.dataset_preset("scene_parse150")  # reduce_zero_label on (dataset default)
+    data = dataset_preset("scene_parse150")  # reduce_zero_label on (dataset default)
     if variant == "b5":  # NVlabs segformer.b5.640x640.ade.160k
         data.crop_size = (640, 640)  # (h, w) training crop
         data.scale = (2048, 640)  # (w, h) mmseg img_scale

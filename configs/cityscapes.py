@@ -9,10 +9,10 @@ from segformer_jax.training import recipes as common
 
 
 def get_config(arg=None):
-    from segformer_jax.data import input_pipeline
+    from segformer_jax.data.config import dataset_preset
 
     variant = common.parse_variant(arg, "b0")
-    data = input_pipeline.dataset_preset("cityscapes")  # crop (1024, 1024), scale (2048, 1024)
+    data = dataset_preset("cityscapes")  # crop (1024, 1024), scale (2048, 1024)
     config = common.paper_recipe(variant, data)
     config.batch_size = 8  # NVlabs cityscapes configs: samples_per_gpu=1 on 8 GPUs
     config.eval.mode = "slide"  # mmseg test_cfg mode='slide'

@@ -9,11 +9,11 @@ from segformer_jax.training import recipes as common
 
 
 def get_config(arg=None):
-    from segformer_jax.data import input_pipeline
+    from segformer_jax.data.config import default_data_config
 
     tiny = arg == "tiny"  # `configs/default.py:tiny`: a tiny model on 64x64 data, for tests
     variant = common.parse_variant(None if tiny else arg, "b0")
-    data = input_pipeline.default_data_config()  # synthetic_shapes 'default': 128x128, 2000 train / 200 val
+    data = default_data_config()  # synthetic_shapes 'default': 128x128, 2000 train / 200 val
     config = common.paper_recipe(variant, data)
     config.total_steps = 250  # optimiser updates (4,000 crops: 2 epochs)
     config.batch_size = 16  # global batch

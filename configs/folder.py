@@ -9,10 +9,10 @@ from segformer_jax.training import recipes as common
 
 
 def get_config(arg=None):
-    from segformer_jax.data import input_pipeline
+    from segformer_jax.data.config import dataset_preset
 
     variant = common.parse_variant(arg, "b0")
-    data = input_pipeline.dataset_preset("folder")  # crop 512, scale (2048, 512); set data.folder
+    data = dataset_preset("folder")  # crop 512, scale (2048, 512); set data.folder
     config = common.paper_recipe(variant, data)
     config.total_steps = 40_000  # optimiser updates; scale with your dataset size
     config.batch_size = 8  # global batch

@@ -8,10 +8,10 @@ from segformer_jax.training import recipes as common
 
 
 def get_config(arg=None):
-    from segformer_jax.data import input_pipeline
+    from segformer_jax.data.config import dataset_preset
 
     variant = common.parse_variant(arg, "b0")
-    data = input_pipeline.dataset_preset("oxford_iiit_pet")
+    data = dataset_preset("oxford_iiit_pet")
     config = common.paper_recipe(variant, data)
     config.total_steps = 20_000  # ~43 epochs of the 3,680 train images at batch 8
     config.batch_size = 8  # global batch

@@ -18,6 +18,7 @@ import tensorflow_datasets as tfds
 
 from segformer_jax.data import folder as folder_lib  # noqa: E402
 from segformer_jax.data import input_pipeline as ip  # noqa: E402
+from segformer_jax.data import python_pipeline as pp  # noqa: E402
 from segformer_jax.data import (
     sources,  # noqa: E402
     synthetic_shapes,  # noqa: E402
@@ -41,6 +42,9 @@ def no_aug(cfg):
 
 
 # --------------------------------------------------------------------- fixtures
+
+# Folder datasets run on both input pipelines: tf.data and the TensorFlow-free numpy one.
+both_pipelines = pytest.mark.parametrize("pipe", [ip, pp], ids=["tf", "python"])
 
 
 @pytest.fixture(scope="module")
@@ -233,10 +237,11 @@ def test_train_epochs_cover_dataset_and_hosts_are_disjoint(shapes_dir):
         ip.make_train_iterator(cfg, 7, seed=0, process_index=0, process_count=2)
 
 
-def test_folder_sharding_disjoint_and_resume(tmp_path):
+@both_pipelines
+def test_folder_sharding_disjoint_and_resume(tmp_path, pipe):
     make_id_folder(tmp_path, n=10)
     cfg = no_aug(folder_cfg(tmp_path, val_fraction=0.2, crop_size=(24, 32), scale=(32, 24)))
-    info = ip.get_dataset_info(cfg)
+    info = pipe.get_dataset_info(cfg)
     assert (info.num_train_examples, info.num_eval_examples) == (8, 2)
     assert info.class_names == ["a", "b", "c"]
 
@@ -245,24 +250,25 @@ def test_folder_sharding_disjoint_and_resume(tmp_path):
 
     seen = []
     for p in range(2):
-        it = ip.make_train_iterator(cfg, 4, seed=1, process_index=p, process_count=2)
+        it = pipe.make_train_iterator(cfg, 4, seed=1, process_index=p, process_count=2)
         seen.append([i for _ in range(2) for i in ids(next(it))])
     assert len(set(seen[0])) == 4 and len(set(seen[1])) == 4
     assert not set(seen[0]) & set(seen[1])
     train_ids = set(seen[0]) | set(seen[1])
     assert len(train_ids) == 8
     # Labels travel with their images: image i has label i % 3 everywhere.
-    b = next(ip.make_train_iterator(cfg, 4, seed=1))
+    b = next(pipe.make_train_iterator(cfg, 4, seed=1))
     for i, lab in zip(ids(b), b["label"]):
         assert (lab == i % 3).all()
     # Resume at step 3 == the 4th batch of a fresh run.
-    it = ip.make_train_iterator(cfg, 4, seed=1)
+    it = pipe.make_train_iterator(cfg, 4, seed=1)
     fourth = [next(it) for _ in range(4)][3]
-    resumed = next(ip.make_train_iterator(cfg, 4, seed=1, start_step=3))
+    resumed = next(pipe.make_train_iterator(cfg, 4, seed=1, start_step=3))
     np.testing.assert_array_equal(resumed["image"], fourth["image"])
 
 
-def test_augmentation_keeps_image_and_mask_aligned(tmp_path):
+@both_pipelines
+def test_augmentation_keeps_image_and_mask_aligned(tmp_path, pipe):
     # Class k is painted in a pure primary colour (red, green, blue). Every photometric
     # distortion of mmseg keeps that channel dominant, so after the train transforms
     # the argmax channel must equal the label wherever the label is locally constant.
@@ -276,7 +282,7 @@ def test_augmentation_keeps_image_and_mask_aligned(tmp_path):
     cfg = folder_cfg(
         tmp_path, val_fraction=0.0, num_classes=3, crop_size=(64, 64), scale=(96, 72), ratio_range=(0.5, 2.0)
     )
-    it = ip.make_train_iterator(cfg, 6, seed=0)
+    it = pipe.make_train_iterator(cfg, 6, seed=0)
     checked = 0
     n_padded = 0
     n_flat = 0
@@ -305,7 +311,8 @@ def test_augmentation_keeps_image_and_mask_aligned(tmp_path):
     assert n_flat > 0
 
 
-def test_random_crop_respects_cat_max_ratio(tmp_path):
+@both_pipelines
+def test_random_crop_respects_cat_max_ratio(tmp_path, pipe):
     # 128x128 masks: class 0 everywhere, a 48x48 square of class 1 and a 16x16 square of
     # class 2. Crops are 64x64, no resize: many positions break cat_max_ratio=0.75.
     rng = np.random.default_rng(1)
@@ -321,7 +328,7 @@ def test_random_crop_respects_cat_max_ratio(tmp_path):
     def max_ratios(cat_max_ratio):
         cfg = no_aug(folder_cfg(tmp_path, val_fraction=0.0, num_classes=3, crop_size=(64, 64), scale=(128, 128)))
         cfg.cat_max_ratio = cat_max_ratio
-        it = ip.make_train_iterator(cfg, 8, seed=0)
+        it = pipe.make_train_iterator(cfg, 8, seed=0)
         out = []
         for _ in range(4):
             for lab in next(it)["label"]:
@@ -359,7 +366,8 @@ def test_train_transform_resize_scale_follows_mmseg():
 # ------------------------------------------------------------ eval pipeline
 
 
-def test_eval_iterator_geometry_padding_and_valid(tmp_path):
+@both_pipelines
+def test_eval_iterator_geometry_padding_and_valid(tmp_path, pipe):
     # Two train and three val images of different sizes; masks: left half 1, right half 2.
     for split, sizes in (("train", [(40, 60), (50, 50)]), ("val", [(40, 60), (60, 30), (64, 64)])):
         for i, (h, w) in enumerate(sizes):
@@ -369,7 +377,7 @@ def test_eval_iterator_geometry_padding_and_valid(tmp_path):
             save_png(str(tmp_path / split / "images" / f"{i}.jpg"), img)
             save_png(str(tmp_path / split / "masks" / f"{i}.png"), mask)
     cfg = folder_cfg(tmp_path, num_classes=3, eval_scale=(64, 64), eval_pad_size=(72, 80))
-    ev = ip.make_eval_iterator(cfg, 2)
+    ev = pipe.make_eval_iterator(cfg, 2)
     assert len(ev) == 2
     batches = list(ev)
     assert len(batches) == 2 and list(ev)  # re-iterable
@@ -389,15 +397,16 @@ def test_eval_iterator_geometry_padding_and_valid(tmp_path):
     assert (lab[3] == 255).all() and (img[3] == 0).all()
     # Sharded eval: 3 examples on 2 hosts -> both yield the same number of batches,
     # 2 + 1 valid examples, disjoint.
-    ev0 = list(ip.make_eval_iterator(cfg, 1, process_index=0, process_count=2))
-    ev1 = list(ip.make_eval_iterator(cfg, 1, process_index=1, process_count=2))
+    ev0 = list(pipe.make_eval_iterator(cfg, 1, process_index=0, process_count=2))
+    ev1 = list(pipe.make_eval_iterator(cfg, 1, process_index=1, process_count=2))
     assert len(ev0) == len(ev1) == 2
     assert [b["valid"][0] for b in ev0] == [True, True]
     assert [b["valid"][0] for b in ev1] == [True, False]
     np.testing.assert_array_equal(ev1[0]["image_size"][0], size[1])
 
 
-def test_eval_without_resize_returns_original_pixels(tmp_path):
+@both_pipelines
+def test_eval_without_resize_returns_original_pixels(tmp_path, pipe):
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
     mask = rng.integers(0, 4, (20, 30), dtype=np.uint8)
@@ -406,10 +415,10 @@ def test_eval_without_resize_returns_original_pixels(tmp_path):
         save_png(str(tmp_path / split / "images" / "a.png"), img)
         save_png(str(tmp_path / split / "masks" / "a.png"), mask)
     cfg = folder_cfg(tmp_path, eval_scale=None, eval_pad_size=None)
-    (b,) = list(ip.make_eval_iterator(cfg, 1))
+    (b,) = list(pipe.make_eval_iterator(cfg, 1))
     np.testing.assert_allclose(unnormalize(b["image"][0]), img, atol=1e-3)
     np.testing.assert_array_equal(b["label"][0], mask)
-    assert ip.get_dataset_info(cfg).num_classes == 4
+    assert pipe.get_dataset_info(cfg).num_classes == 4
 
 
 # ------------------------------------------------------------ TFDS sources (mocked)
@@ -635,21 +644,22 @@ def test_folder_class_count_inferred_from_masks_is_checked(tmp_path, caplog):
     assert ip.get_dataset_info(cfg).num_classes == 171
 
 
-def test_folder_mask_ids_out_of_range(tmp_path):
+@both_pipelines
+def test_folder_mask_ids_out_of_range(tmp_path, pipe):
     make_id_folder(tmp_path, n=3)  # class_names.txt: 3 classes
     bad = np.zeros((24, 32), np.uint8)
     bad[0, 0], bad[1, 1], bad[2, 2] = 7, 9, 255
     save_png(str(tmp_path / "masks" / "im01.png"), bad)
     with pytest.raises(folder_lib.FolderDatasetError) as e:
-        ip.get_dataset_info(folder_cfg(tmp_path))
+        pipe.get_dataset_info(folder_cfg(tmp_path))
     msg = str(e.value)
     assert "im01.png" in msg and "[7, 9]" in msg and "num_classes=3" in msg
     # With reduce_zero_label, raw ids 1..num_classes are valid (ADE20K style).
     ok = np.full((24, 32), 3, np.uint8)
     save_png(str(tmp_path / "masks" / "im01.png"), ok)
     cfg = folder_cfg(tmp_path, reduce_zero_label=True, eval_scale=None, eval_pad_size=(24, 32))
-    assert ip.get_dataset_info(cfg).num_classes == 3
-    labels = np.concatenate([b["label"] for b in ip.make_eval_iterator(cfg, 1)])
+    assert pipe.get_dataset_info(cfg).num_classes == 3
+    labels = np.concatenate([b["label"] for b in pipe.make_eval_iterator(cfg, 1)])
     assert set(np.unique(labels)) <= {2, 255}  # raw 3 -> 2, raw 0 -> 255
 
 
@@ -683,7 +693,8 @@ def test_folder_errors_missing_empty_mismatch(tmp_path):
         ip.get_dataset_info(folder_cfg(rgb_mask_root))
 
 
-def test_folder_grayscale_rgba_palette_converted(tmp_path):
+@both_pipelines
+def test_folder_grayscale_rgba_palette_converted(tmp_path, pipe):
     rng = np.random.default_rng(0)
     gray = rng.integers(0, 256, (16, 20), dtype=np.uint8)
     rgba = rng.integers(0, 256, (16, 20, 4), dtype=np.uint8)
@@ -703,9 +714,9 @@ def test_folder_grayscale_rgba_palette_converted(tmp_path):
         for stem in "gpr":
             pal_mask.save(str(d / "masks" / f"{stem}.png"))
     cfg = folder_cfg(tmp_path, eval_scale=None, eval_pad_size=(16, 20))
-    assert ip.get_dataset_info(cfg).num_classes == 3
+    assert pipe.get_dataset_info(cfg).num_classes == 3
     out = {}
-    for b, stem in zip(ip.make_eval_iterator(cfg, 1), "gpr"):  # sorted stems
+    for b, stem in zip(pipe.make_eval_iterator(cfg, 1), "gpr"):  # sorted stems
         out[stem] = (np.round(unnormalize(b["image"][0])).astype(np.int32), b["label"][0])
     np.testing.assert_array_equal(out["g"][0], np.repeat(gray[..., None], 3, -1))
     np.testing.assert_array_equal(out["r"][0], rgba[..., :3])  # alpha dropped

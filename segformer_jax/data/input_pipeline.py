@@ -64,202 +64,35 @@ host), so hosts see disjoint examples. Pass ``jax.process_index()`` /
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import threading
 from collections.abc import Iterator
 
-import ml_collections
 import numpy as np
 import tensorflow as tf
 
 from segformer_jax.data import sources
-
-IGNORE_INDEX = sources.IGNORE_INDEX
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
-_MAX_CROP_TRIES = 10
-
-
-# ---------------------------------------------------------------------------- config
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-    """Every data field with its default (the built-in ``synthetic_shapes`` recipe).
-
-    Tuples: ``crop_size``/``eval_pad_size`` are (h, w); ``scale``/``eval_scale`` are
-    (w, h) like mmseg's ``img_scale`` (only max/min matter: long/short side bounds).
-    """
-    c = ml_collections.ConfigDict()
-    # --- which data
-    # 'synthetic_shapes'|'scene_parse150'|'cityscapes'|'oxford_iiit_pet'|'folder'|'hf'
-    c.name = "synthetic_shapes"
-    c.data_dir = ""  # TFDS data_dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets
-    # TFDS builder config; '' = dataset default (synthetic_shapes: 'default'|'small'; cityscapes:
-    # 'semantic_segmentation')
-    c.tfds_config = ""
-    c.auto_prepare = True  # synthetic_shapes: generate it into data_dir if missing (no download)
-    c.train_split = ""  # '' = dataset default ('train'); TFDS slicing allowed, e.g. 'train[:90%]'
-    c.eval_split = ""  # '' = dataset default (validation/test split; folder: 'val')
-    c.folder = ""  # name='folder': dataset root with images/ + masks/ (or train/, val/)
-    c.val_fraction = 0.1  # folder without train/ val/: fraction of images held out for eval
-    c.split_seed = 0  # folder: seed of the deterministic train/val split
-    c.class_names_file = ""  # folder: text file, one class name per line ('' = <folder>/class_names.txt if present)
-    c.num_classes = 0  # folder without names file: number of classes (0 = max mask id + 1)
-    # name='hf': a Hugging Face `datasets` dataset (Hub id, save_to_disk dir, local imagefolder / parquet)
-    c.hf_path = ""
-    c.hf_name = ""  # the dataset's config name, if it has several
-    c.hf_image_column = "image"
-    c.hf_label_column = "label"  # integer class-id mask of the image's size (L / P image or 2-D int array)
-    c.hf_id2label_file = ""  # id2label.json or one name per line; '' = the label column's ClassLabel names
-    c.reduce_zero_label = None  # None = dataset default (True for scene_parse150); True: 0 -> 255, k -> k-1
-    c.pet_boundary_as_ignore = False  # oxford_iiit_pet: trimap border -> 255 (2 classes) instead of class 2
-    # --- training augmentation (mmseg recipe)
-    c.crop_size = (128, 128)  # (h, w) of training crops
-    c.scale = (128, 128)  # (w, h) base resize scale (mmseg img_scale), multiplied by ratio; None = the image's own size
-    c.ratio_range = (0.5, 2.0)  # random resize ratio range; None = resize exactly to scale
-    c.cat_max_ratio = 0.75  # max fraction of one class in a crop (retries); 1.0 = plain random crop
-    c.flip_prob = 0.5  # horizontal flip probability
-    c.photometric = True  # apply mmseg PhotoMetricDistortion
-    c.brightness_delta = 32  # PhotoMetricDistortion brightness delta (0..255 units)
-    c.contrast_range = (0.5, 1.5)  # PhotoMetricDistortion contrast factor range
-    c.saturation_range = (0.5, 1.5)  # PhotoMetricDistortion saturation factor range
-    c.hue_delta = 18  # PhotoMetricDistortion hue delta (OpenCV units: 180 = full turn)
-    c.mean = IMAGENET_MEAN  # normalisation mean (RGB, 0..255)
-    c.std = IMAGENET_STD  # normalisation std (RGB, 0..255)
-    # --- evaluation
-    c.eval_scale = (128, 128)  # (w, h) keep-ratio resize scale for eval; None = original size
-    c.eval_pad_size = (128, 128)  # (h, w) static eval shape (pad; shrink if larger); None = no padding (batch_size 1)
-    c.eval_size_divisor = 0  # round the eval size up to a multiple (NVlabs AlignedResize: 32 for ADE20K); 0 = off
-    # --- tf.data
-    c.shuffle_buffer = 2048  # records (still encoded) in the per-epoch shuffle buffer
-    c.num_parallel_calls = -1  # parallel decode/augment calls; -1 = AUTOTUNE
-    c.prefetch = 2  # batches prefetched
-    c.threads = 0  # tf.data's own thread pool size (1 intra-op thread each); 0 = TensorFlow's shared pools
-    c.cache_eval_records = False  # keep the encoded eval records in memory after the first pass
-    return c
-
-
-_PRESETS = {
-    # NVlabs SegFormer ADE20K 512x512 recipe.
-    "scene_parse150": dict(
-        crop_size=(512, 512),
-        scale=(2048, 512),
-        eval_scale=(2048, 512),
-        eval_pad_size=(1024, 1024),
-        eval_size_divisor=32,
-        shuffle_buffer=1024,
-    ),
-    # NVlabs SegFormer Cityscapes 1024x1024 recipe (eval: sliding window 1024, stride 768).
-    "cityscapes": dict(
-        crop_size=(1024, 1024),
-        scale=(2048, 1024),
-        eval_scale=(2048, 1024),
-        eval_pad_size=(1024, 2048),
-        shuffle_buffer=256,
-    ),
-    "oxford_iiit_pet": dict(
-        crop_size=(512, 512), scale=(512, 512), eval_scale=(512, 512), eval_pad_size=(512, 512), shuffle_buffer=1024
-    ),
-    "synthetic_shapes": dict(),
-    "hf": dict(
-        crop_size=(512, 512), scale=(2048, 512), eval_scale=(2048, 512), eval_pad_size=(1024, 1024), shuffle_buffer=1024
-    ),
-    "folder": dict(
-        crop_size=(512, 512), scale=(2048, 512), eval_scale=(2048, 512), eval_pad_size=(1024, 1024), shuffle_buffer=1024
-    ),
-}
-
-
-def dataset_preset(name: str) -> ml_collections.ConfigDict:
-    """``default_data_config()`` with the recipe sizes of dataset ``name``."""
-    if name not in _PRESETS:
-        raise ValueError(f"No preset for {name!r}; known: {sorted(_PRESETS)}")
-    c = default_data_config()
-    c.name = name
-    for k, v in _PRESETS[name].items():
-        setattr(c, k, v)
-    return c
-
-
-def _get(cfg, key):
-    """Field of ``cfg`` with the default of ``default_data_config`` if absent."""
-    if key in cfg:
-        return cfg[key]
-    return default_data_config()[key]
-
-
-# ---------------------------------------------------------------------------- source
-
-_SOURCE_CACHE: dict = {}
-_SOURCE_LOCK = threading.Lock()
-_SOURCE_KEYS = (
-    "name",
-    "data_dir",
-    "tfds_config",
-    "auto_prepare",
-    "train_split",
-    "eval_split",
-    "folder",
-    "val_fraction",
-    "split_seed",
-    "class_names_file",
-    "num_classes",
-    "reduce_zero_label",
-    "pet_boundary_as_ignore",
-    "hf_path",
-    "hf_name",
-    "hf_image_column",
-    "hf_label_column",
-    "hf_id2label_file",
+from segformer_jax.data.config import (  # noqa: F401  (re-exported: the config lives in config.py)
+    IGNORE_INDEX,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DatasetInfo,
+    cached_source,
+    check_eval_batching,
+    check_hosts,
+    clear_source_cache,
+    dataset_preset,
+    default_data_config,
+    eval_size_divisor,
+    local_batch_size,
+    source_key,
 )
+from segformer_jax.data.config import get as _get
 
-
-def _source_key(cfg):
-    key = tuple((k, repr(cfg.get(k, None))) for k in _SOURCE_KEYS)
-    if cfg.get("name") == "folder" and cfg.get("folder"):
-        # Re-scan when files were added/removed (directory mtimes change).
-        stamps = []
-        for sub in (
-            "",
-            "images",
-            "masks",
-            "train/images",
-            "train/masks",
-            "val/images",
-            "val/masks",
-            "validation/images",
-            "validation/masks",
-        ):
-            p = os.path.join(os.path.expanduser(cfg.folder), sub)
-            stamps.append(os.stat(p).st_mtime_ns if os.path.isdir(p) else 0)
-        key += (tuple(stamps),)
-    return key
+_MAX_CROP_TRIES = 10
 
 
 def get_source(cfg) -> sources.Source:
     """The (cached) :class:`sources.Source` of a data config."""
-    key = _source_key(cfg)
-    with _SOURCE_LOCK:
-        if key not in _SOURCE_CACHE:
-            _SOURCE_CACHE[key] = sources.get_source(cfg)
-        return _SOURCE_CACHE[key]
-
-
-def clear_source_cache() -> None:
-    with _SOURCE_LOCK:
-        _SOURCE_CACHE.clear()
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-    name: str
-    num_classes: int
-    class_names: list
-    palette: np.ndarray  # uint8 [num_classes, 3]
-    num_train_examples: int  # whole train split (all hosts)
-    num_eval_examples: int  # whole eval split (all hosts)
-    ignore_index: int = IGNORE_INDEX
+    return cached_source(cfg, "tf", lambda: sources.get_source(cfg))
 
 
 def get_dataset_info(data_config) -> DatasetInfo:
@@ -450,12 +283,6 @@ def train_transform(image, label, key, cfg):
     return {"image": image, "label": tf.cast(label, tf.int32)}
 
 
-def eval_size_divisor(cfg) -> int | None:
-    """The eval size divisor of a data config (NVlabs AlignedResize), None when off (0 or 1)."""
-    divisor = int(_get(cfg, "eval_size_divisor") or 0)
-    return divisor if divisor > 1 else None
-
-
 def eval_transform(image, label, cfg):
     """Eval geometry (module doc). Returns image/label/image_size (not batched)."""
     h, w = tf.shape(image)[0], tf.shape(image)[1]
@@ -508,11 +335,6 @@ def _shard_size(n: int, process_index: int, process_count: int) -> int:
     return len(range(process_index, n, process_count))
 
 
-def _check_hosts(process_index, process_count):
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"Bad process_index={process_index} / process_count={process_count}.")
-
-
 def make_train_dataset(
     data_config,
     global_batch_size: int,
@@ -523,12 +345,8 @@ def make_train_dataset(
     process_count: int = 1,
 ) -> tf.data.Dataset:
     """The (infinite, batched) training tf.data.Dataset of this host. See module doc."""
-    _check_hosts(process_index, process_count)
-    if global_batch_size % process_count:
-        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by process_count={process_count}.")
-    local_batch = global_batch_size // process_count
-    if local_batch < 1:
-        raise ValueError("global_batch_size must be >= process_count.")
+    check_hosts(process_index, process_count)
+    local_batch = local_batch_size(global_batch_size, process_count)
     src = get_source(data_config)
     n_total = src.num_examples(src.train_split)
     n = _shard_size(n_total, process_index, process_count)
@@ -610,20 +428,9 @@ def make_eval_dataset(
     data_config, batch_size: int, *, process_index: int = 0, process_count: int = 1
 ) -> tuple[tf.data.Dataset, int, int]:
     """(dataset, num_batches, num_real_examples) of the eval split for one host."""
-    _check_hosts(process_index, process_count)
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
+    check_hosts(process_index, process_count)
+    check_eval_batching(data_config, batch_size)
     pad = _get(data_config, "eval_pad_size")
-    if not pad and batch_size != 1:
-        raise ValueError(
-            "eval_pad_size=None gives examples of different shapes: use batch_size=1 or set eval_pad_size=(h, w)."
-        )
-    divisor = eval_size_divisor(data_config)
-    if pad and divisor and any(int(x) % divisor for x in pad):
-        raise ValueError(
-            f"eval_pad_size={tuple(pad)} is not a multiple of eval_size_divisor={divisor}: "
-            "the aligned eval size would not fit; make both sides multiples of it."
-        )
     src = get_source(data_config)
     n_total = src.num_examples(src.eval_split)
     n = _shard_size(n_total, process_index, process_count)
@@ -674,7 +481,7 @@ def make_original_eval_dataset(
     For scoring at the original resolution (mmseg's test protocol: the prediction is resized back
     to the image, the label is never resized). Hosts get disjoint examples as in
     ``make_eval_dataset``; no padding examples are added."""
-    _check_hosts(process_index, process_count)
+    check_hosts(process_index, process_count)
     src = get_source(data_config)
     n = _shard_size(src.num_examples(src.eval_split), process_index, process_count)
     records = src.records(src.eval_split).shard(process_count, process_index)

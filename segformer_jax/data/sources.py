@@ -57,8 +57,7 @@ import tensorflow_datasets as tfds
 
 from segformer_jax.data import folder as folder_lib
 from segformer_jax.data import palettes, synthetic_shapes
-
-IGNORE_INDEX = 255
+from segformer_jax.data.config import DEFAULT_REDUCE_ZERO_LABEL, IGNORE_INDEX
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -721,15 +720,6 @@ def _hf_source(cfg, rzl: bool) -> Source:
 
 
 # -------------------------------------------------------------------------- factory
-
-DEFAULT_REDUCE_ZERO_LABEL = {
-    "synthetic_shapes": False,
-    "scene_parse150": True,
-    "cityscapes": False,
-    "oxford_iiit_pet": False,
-    "folder": False,
-    "hf": False,
-}
 
 
 def get_source(cfg) -> Source:

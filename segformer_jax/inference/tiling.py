@@ -215,7 +215,7 @@ def config_from_training(config, *, ratios=(1.0,), flip: bool = False) -> Infere
     `eval.mode`, and for 'slide' its crop and stride. Tiles are padded to multiples of 32 (one
     compilation per padded size); with a divisor of 32 (ADE20K) nothing is padded, as in NVlabs' test
     pipeline."""
-    from segformer_jax.data import input_pipeline
+    from segformer_jax.data.config import eval_size_divisor
 
     kwargs = {}
     if config.eval.mode == "slide":
@@ -228,7 +228,7 @@ def config_from_training(config, *, ratios=(1.0,), flip: bool = False) -> Infere
         scale=tuple(scale) if scale else None,
         ratios=tuple(float(r) for r in ratios),
         flip=bool(flip),
-        size_divisor=input_pipeline.eval_size_divisor(config.data),
+        size_divisor=eval_size_divisor(config.data),
         **kwargs,
     )
 

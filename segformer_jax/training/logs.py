@@ -5,11 +5,26 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Mapping
 
 import numpy as np
 
 logger = logging.getLogger("segformer_jax.training")
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch when it is
+    installed (~180 MB resident in a training run) only to accept torch tensors, which we never pass."""
+    hide_torch = "torch" not in sys.modules
+    if hide_torch:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide_torch:
+            del sys.modules["torch"]
+    return SummaryWriter
 
 
 class MetricWriter:
@@ -21,8 +36,7 @@ class MetricWriter:
         if enabled:
             self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
             try:
-                from tensorboardX import SummaryWriter
-
+                SummaryWriter = _summary_writer_class()
                 self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
             except ImportError:  # tensorboardX is optional
                 logger.warning("tensorboardX is not installed: no TensorBoard logs")

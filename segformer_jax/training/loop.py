@@ -201,17 +201,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, timin
 
 
 def _train_and_evaluate(config, workdir: str, stop: StopRequest, timings: dict | None = None) -> dict:
-    from segformer_jax.data import input_pipeline
+    from segformer_jax.data.pipelines import pipeline_module
 
     is_main = jax.process_index() == 0
 
     data_config = config.data
+    pipeline = pipeline_module(data_config)  # tf.data, or numpy + PIL for a folder (no TensorFlow)
     binary = bool(config.model.get("binary", False))
     if binary and data_config.get("name") == "folder" and data_config.get("folder"):
         from segformer_jax.data import folder as folder_lib
 
         folder_lib.check_binary_masks(data_config.folder, field="model.binary")
-    info = input_pipeline.get_dataset_info(data_config)
+    info = pipeline.get_dataset_info(data_config)
     if binary and info.num_classes != 2:
         raise TrainingError(
             f"model.binary=True (one sigmoid logit) needs a dataset of 2 classes (0 background, 1 foreground, "
@@ -252,7 +253,7 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, timings: dict |
         in_shardings=(replicated, batch_sharding),
         out_shardings=(replicated, batch_sharding),
     )
-    eval_iter = input_pipeline.make_eval_iterator(
+    eval_iter = pipeline.make_eval_iterator(
         data_config,
         int(config.eval.batch_size) // jax.process_count(),
         process_index=jax.process_index(),
@@ -268,7 +269,7 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, timings: dict |
 
     train_iter = None
     if start_step < stop_at:
-        train_iter = input_pipeline.make_train_iterator(
+        train_iter = pipeline.make_train_iterator(
             data_config,
             global_batch,
             seed=config.seed,

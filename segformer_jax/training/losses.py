@@ -370,6 +370,12 @@ def parse_terms(terms) -> list[tuple[str, float]]:
 def class_pixel_counts(data_config, num_classes: int) -> np.ndarray:
     """(num_classes,) int64 pixel counts of the training split's labels (decoded, before augmentation;
     255 / out-of-range ids are not counted). Reads every training mask once."""
+    from segformer_jax.data.config import pipeline_of
+
+    if pipeline_of(data_config) == "python":
+        from segformer_jax.data import python_pipeline
+
+        return python_pipeline.train_label_counts(data_config, num_classes)
     import tensorflow as tf
 
     from segformer_jax.data import input_pipeline
