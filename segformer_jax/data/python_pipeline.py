@@ -169,12 +169,21 @@ def resize_window(image: np.ndarray, label: np.ndarray, nh: int, nw: int, window
     xf = xf[None, :, None]
 
     def along_width(rows):  # tf's order: across the row first, then between the two rows
-        left = image[rows][:, xlo].astype(_F32)
-        return left + (image[rows][:, xhi].astype(_F32) - left) * xf
+        rows = image[rows]
+        left = np.take(rows, xlo, axis=1).astype(_F32)
+        right = np.take(rows, xhi, axis=1).astype(_F32)
+        right -= left
+        right *= xf
+        right += left
+        return right
 
-    top = along_width(ylo)
-    out = top + (along_width(yhi) - top) * yf[:, None, None]
-    out = np.clip(np.round(out), 0.0, 255.0).astype(_F32)
+    out = along_width(ylo)
+    bottom = along_width(yhi)
+    bottom -= out
+    bottom *= yf[:, None, None]
+    out += bottom
+    np.round(out, out=out)
+    np.clip(out, 0.0, 255.0, out=out)
     lab = label[_nearest_coords(h, nh, y0, y0 + wh)][:, _nearest_coords(w, nw, x0, x0 + ww)]
     return out, lab
 
@@ -216,21 +225,22 @@ def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
     return np.stack([hue, saturation, value], -1).astype(_F32)
 
 
+# Per hue sector (0..5, and 6 for TF's out-of-range case), which of (c, x, 0) each of r, g, b takes.
+_SECTOR_CHANNELS = np.array([[0, 1, 2], [1, 0, 2], [2, 0, 1], [2, 1, 0], [1, 2, 0], [0, 2, 1], [2, 2, 2]], np.intp)
+
+
 def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
     """tf.image.hsv_to_rgb (float32)."""
     h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
     c = s * v
-    m = v - c
     dh = h * _F32(6)
     x = c * (_F32(1) - np.abs(np.fmod(dh, _F32(2)) - _F32(1)))
     sector = dh.astype(np.int64)
-    zero = np.zeros_like(c)
-    choices_r = [c, x, zero, zero, x, c]
-    choices_g = [x, c, c, x, zero, zero]
-    choices_b = [zero, zero, x, c, c, x]
-    conds = [sector == k for k in range(6)]
-    rgb = [np.select(conds, choices, zero) + m for choices in (choices_r, choices_g, choices_b)]
-    return np.stack(rgb, -1).astype(_F32)
+    sector[(sector < 0) | (sector > 5)] = 6
+    choices = np.stack([c, x, np.zeros_like(c)], -1)
+    rgb = np.take_along_axis(choices, _SECTOR_CHANNELS[sector], -1)
+    rgb += (v - c)[..., None]
+    return rgb
 
 
 def photometric_distortion(image: np.ndarray, rng: np.random.Generator, cfg) -> np.ndarray:
