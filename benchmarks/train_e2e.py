@@ -12,6 +12,7 @@ Rows, each in a fresh subprocess (so its peak RSS is its own; the whole process,
                  main process (decode, rescale, crop, flip, normalise per step)
     ours f32     segformer_jax.training.train_and_evaluate on configs/folder.py + the recipe's overrides:
                  what `train.py --config configs/folder.py` runs (tf.data input, eval and export at the end)
+    ours f32 python input   the same with --config.data.pipeline=python (numpy + PIL threads, no TensorFlow)
     torch bf16   the torch loop under torch.autocast("cpu", dtype=torch.bfloat16)
     ours bf16    ours with --config.model.dtype=bfloat16
 
@@ -459,18 +460,20 @@ def summarise(r: dict) -> dict:
     )
 
 
-ROWS = {  # name -> (kind, dtype, block)
-    "torch f32": ("torch", "float32", False),
-    "ours f32": ("ours", "float32", False),
-    "ours f32 blocked": ("ours", "float32", True),
-    "torch bf16": ("torch", "bfloat16", False),
-    "ours bf16": ("ours", "bfloat16", False),
-    "ours bf16 blocked": ("ours", "bfloat16", True),
+ROWS = {  # name -> (kind, dtype, block, config overrides of the row)
+    "torch f32": ("torch", "float32", False, ()),
+    "ours f32": ("ours", "float32", False, ()),
+    "ours f32 python input": ("ours", "float32", False, ("data.pipeline=python",)),
+    "ours f32 blocked": ("ours", "float32", True, ()),
+    "torch bf16": ("torch", "bfloat16", False, ()),
+    "ours bf16": ("ours", "bfloat16", False, ()),
+    "ours bf16 blocked": ("ours", "bfloat16", True, ()),
 }
 
 
 def single(args) -> None:
-    kind, args.dtype_one, args.block_one = ROWS[args.single]
+    kind, args.dtype_one, args.block_one, overrides = ROWS[args.single]
+    args.set = [*overrides, *args.set]
     root = args.root
     r = run_torch(args, root) if kind == "torch" else run_ours(args, root)
     from common import peak_rss_mb
@@ -510,7 +513,7 @@ def main():
     dtypes = ("float32", "bfloat16") if args.dtype == "all" else (args.dtype,)
     names = [
         n
-        for n, (_, dt, blk) in ROWS.items()
+        for n, (_, dt, blk, _) in ROWS.items()
         if dt in dtypes and (args.block or not blk) and (not args.only or n in args.only)
     ]
     common = ["--steps", str(args.steps), "--seed", str(args.seed), "--log-every", str(args.log_every), "--root", root]

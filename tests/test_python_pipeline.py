@@ -144,10 +144,10 @@ def test_photometric_distortion_is_mmseg_and_deterministic():
 
 def test_pipeline_choice_and_errors(tmp_path):
     cfg = folder_cfg(tmp_path)
-    assert data_config.pipeline_of(cfg) == "python"
-    assert pipelines.pipeline_module(cfg) is pp
-    cfg.pipeline = "tf"
+    assert data_config.pipeline_of(cfg) == "tf"  # auto
     assert pipelines.pipeline_module(cfg) is ip
+    cfg.pipeline = "python"
+    assert pipelines.pipeline_module(cfg) is pp
     shapes = data_config.default_data_config()
     assert data_config.pipeline_of(shapes) == "tf"
     shapes.pipeline = "python"
@@ -172,7 +172,7 @@ def test_unreadable_image_names_the_file(tmp_path):
 def test_train_label_counts_match_tf_source(tmp_path):
     from segformer_jax.training import losses
 
-    cfg = folder_cfg(photo_folder(tmp_path), reduce_zero_label=True, num_classes=3)
+    cfg = folder_cfg(photo_folder(tmp_path), reduce_zero_label=True, num_classes=3, pipeline="python")
     ours = losses.class_pixel_counts(cfg, 3)
     cfg.pipeline = "tf"
     np.testing.assert_array_equal(ours, losses.class_pixel_counts(cfg, 3))
@@ -180,8 +180,8 @@ def test_train_label_counts_match_tf_source(tmp_path):
 
 
 def test_folder_training_run_never_imports_tensorflow(tmp_path):
-    """train_and_evaluate on a folder dataset (2 steps, eval, final export) in a fresh process:
-    TensorFlow is never imported (it would cost ~0.5 GB resident)."""
+    """train_and_evaluate on a folder dataset with data.pipeline='python' (2 steps, eval, final export)
+    in a fresh process: TensorFlow is never imported (it would cost ~0.5 GB resident)."""
     photo_folder(tmp_path / "data", n_train=4, n_val=2)
     script = textwrap.dedent(
         f"""
@@ -191,6 +191,7 @@ def test_folder_training_run_never_imports_tensorflow(tmp_path):
         from segformer_jax import training
         c = folder.get_config("b0")
         c.data.folder = {str(tmp_path / "data")!r}
+        c.data.pipeline = "python"
         c.data.num_classes = 4
         c.data.crop_size = (32, 32)
         c.data.eval_scale = None

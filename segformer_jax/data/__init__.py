@@ -8,7 +8,7 @@
                         resize, crop, flip, photometric distortion, normalisation, padding),
                         ``get_dataset_info``, ``make_train_iterator``, ``make_eval_iterator``
     python_pipeline.py  the same recipe and interface for ``folder`` datasets in numpy + PIL threads,
-                        without importing TensorFlow (the default for folders: ~0.5 GB less memory)
+                        without importing TensorFlow (``data.pipeline='python'``: ~0.5 GB less memory)
     pipelines.py        ``pipeline_module(cfg)``: the chosen pipeline's module (imports only that one)
     synthetic_shapes.py the procedurally generated TFDS dataset used by default
     folder.py           reader / validator for a folder of images + masks

@@ -70,8 +70,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.eval_pad_size = (128, 128)  # (h, w) static eval shape (pad; shrink if larger); None = no padding (batch_size 1)
     c.eval_size_divisor = 0  # round the eval size up to a multiple (NVlabs AlignedResize: 32 for ADE20K); 0 = off
     # --- input pipeline
-    # 'auto' = 'python' for name='folder', else 'tf'. 'python' (folder only): numpy + PIL in threads, the same
-    # recipe without importing TensorFlow (~0.5 GB less memory); 'tf': tf.data
+    # 'auto' = 'tf' (tf.data). 'python' (folder only): numpy + PIL threads, the same recipe without
+    # importing TensorFlow: ~0.5 GB less resident memory, ~10% slower b0 training steps on 2 cores
     c.pipeline = "auto"
     c.shuffle_buffer = 2048  # records (still encoded) in the per-epoch shuffle buffer
     c.num_parallel_calls = -1  # parallel decode/augment calls; -1 = AUTOTUNE
@@ -227,9 +227,7 @@ def pipeline_of(cfg) -> str:
             f"data.pipeline='python' reads folder datasets only (data.name='folder'), not {name!r}: "
             "use data.pipeline='tf' or 'auto'."
         )
-    if choice == "auto":
-        return "python" if name == "folder" else "tf"
-    return choice
+    return "tf" if choice == "auto" else choice
 
 
 def check_hosts(process_index: int, process_count: int) -> None:

@@ -1,13 +1,14 @@
-"""The folder-dataset input pipeline in numpy + PIL, without TensorFlow (``data.pipeline='python'``,
-the default for ``data.name='folder'``).
+"""The folder-dataset input pipeline in numpy + PIL, without TensorFlow (``data.pipeline='python'``).
 
 The same interface, recipe and batches as :mod:`segformer_jax.data.input_pipeline` (its module doc
 lists the transforms): random rescale, crop with ``cat_max_ratio`` retries, flip, photometric
 distortion, normalisation, padding; eval resize / shrink / align / pad. The arithmetic follows the
 tf.data transforms (float32, the same bilinear and nearest sampling, the same rounding), so an eval
 batch equals tf.data's and a training example differs only by its random draws. Why it exists: not
-importing TensorFlow saves ~0.5 GB of resident memory (b0 training at 256x256 peaks ~1.5 GB instead of
-~2.0 GB), and its threads do not compete with XLA's on few cores.
+importing TensorFlow saves ~0.5 GB of resident memory (the issue-17 b0 run at 256x256 peaks at 1.86-1.91
+GB instead of 2.43-2.44 GB). Why it is not the default: on 2 cores its b0 steps ran 770-850 ms against
+tf.data's 713-735 (benchmarks/train_e2e.py), and tf.data's C++ threads scale on a many-core accelerator
+host where Python threads share one interpreter lock.
 
 Training samples only the crop window of the rescaled image (the label's nearest-neighbour rescale is
 an index lookup, the image's bilinear one is computed for the window's pixels alone), so a 2x rescale

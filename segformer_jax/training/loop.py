@@ -206,7 +206,7 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, timings: dict |
     is_main = jax.process_index() == 0
 
     data_config = config.data
-    pipeline = pipeline_module(data_config)  # tf.data, or numpy + PIL for a folder (no TensorFlow)
+    pipeline = pipeline_module(data_config)  # tf.data, or numpy + PIL threads (folders, no TensorFlow)
     binary = bool(config.model.get("binary", False))
     if binary and data_config.get("name") == "folder" and data_config.get("folder"):
         from segformer_jax.data import folder as folder_lib
