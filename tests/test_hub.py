@@ -73,7 +73,9 @@ def test_hub_id_loads_offline_from_the_cache_like_the_local_directory(hub_cache)
     t_hub = time.perf_counter() - t
     assert _same(hub_vars, local_vars) and _same(hub_vars["params"], hub_cache["variables"]["params"])
     assert model.config.num_labels == 3
-    assert t_hub - t_local < 1.0, (t_hub, t_local)
+    # No network attempt (a refused or timed-out request costs seconds to tens of seconds). Not tighter:
+    # under `-n 2` beside a compiling worker the same cached load took 1.9 s once against 0.4 s locally.
+    assert t_hub - t_local < 5.0, (t_hub, t_local)
     # revision= (the commit itself), local_files_only=True without the env var, HF_HUB_CACHE from the env
     _, by_commit = from_pretrained(REPO, cache_dir=hub_cache["cache"], revision=COMMIT)
     assert _same(by_commit, local_vars)
