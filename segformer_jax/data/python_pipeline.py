@@ -18,6 +18,8 @@ Determinism and resuming: epoch ``e`` of a host is a full permutation of its rec
 (seed, process_index, e); the augmentation of stream position ``i`` is drawn from a generator seeded
 by (seed, process_index, i). ``start_step=k`` yields exactly batch k, k+1, ... of a run started at 0
 without touching earlier examples. Host ``p`` of ``P`` reads records p, p+P, p+2P, ...
+A run resumed with the other pipeline continues with that pipeline's augmentation stream (the
+batches of a run started there), not the one it started with.
 
 May import numpy, PIL and this folder's TensorFlow-free modules (config, folder, palettes).
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import itertools
 import os
 from collections.abc import Callable, Iterator
 
@@ -364,23 +367,28 @@ def _workers(cfg) -> int:
 
 
 class _Prefetched:
-    """Examples ``make(item)`` for the items of ``items`` (drawn in the caller's thread), made by a
-    thread pool ahead of use (at most ``ahead`` in flight) and batched ``batch`` at a time in order.
-    A worker's exception surfaces at its batch."""
+    """Batches of ``make(item)`` over the items of ``items`` (drawn in the caller's thread), ``batch``
+    items each, every batch made and stacked by one worker of a thread pool, up to ``ahead`` batches in
+    flight, yielded in order. A worker's exception surfaces at its batch. Whole batches per task: the
+    consuming (training) thread waits on one future a batch, not on one per example."""
 
     def __init__(self, make: Callable[..., dict], items: Iterator, batch: int, workers: int, ahead: int):
         self._pending: collections.deque = collections.deque()
         self._make, self._items, self._batch = make, items, batch
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="segformer-data")
-        self._ahead = max(ahead, batch)
+        self._ahead = max(ahead, workers)
         self._fill()
+
+    def _make_batch(self, chunk: list) -> dict:
+        examples = [self._make(item) for item in chunk]
+        return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
     def _fill(self):
         while len(self._pending) < self._ahead:
-            item = next(self._items, None)
-            if item is None:
+            chunk = list(itertools.islice(self._items, self._batch))
+            if not chunk:
                 return
-            self._pending.append(self._pool.submit(self._make, item))
+            self._pending.append(self._pool.submit(self._make_batch, chunk))
 
     def __iter__(self):
         return self
@@ -389,11 +397,9 @@ class _Prefetched:
         if not self._pending:
             self.close()
             raise StopIteration
-        examples = []
-        while self._pending and len(examples) < self._batch:
-            examples.append(self._pending.popleft().result())
-            self._fill()
-        return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+        batch = self._pending.popleft().result()
+        self._fill()
+        return batch
 
     def close(self):
         for f in self._pending:
@@ -461,7 +467,7 @@ def make_train_iterator(
         image, label = _reading(split, record, rzl)
         return train_transform(image, label, np.random.default_rng(base + [2, pos]), data_config)
 
-    ahead = local_batch * (int(get(data_config, "prefetch")) + 1)
+    ahead = int(get(data_config, "prefetch")) + 1  # batches in flight
     return _Prefetched(make, stream(), local_batch, _workers(data_config), ahead)
 
 
@@ -497,7 +503,7 @@ class EvalIterable:
 
     def __iter__(self) -> Iterator[dict]:
         total = self.num_batches * self._batch  # the host's examples, then padding examples
-        ahead = self._batch * (int(get(self._cfg, "prefetch")) + 1)
+        ahead = int(get(self._cfg, "prefetch")) + 1
         return _Prefetched(self._make, iter(range(total)), self._batch, _workers(self._cfg), ahead)
 
 
