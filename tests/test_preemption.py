@@ -349,11 +349,10 @@ def test_full_disk_is_one_clear_error_and_the_previous_checkpoint_resumes(baseli
     shutil.copy(os.path.join(baseline, "config.json"), workdir)
     # Fill the disk but ~200 KB: the logs of steps 5-6 fit, the checkpoint of step 6 (1.4 MB) does not.
     filler = os.path.join(disk, "filler")
-    with open(filler, "wb") as f:
+    with open(filler, "wb", buffering=0) as f:  # unbuffered: nothing left to flush (and fail) at close
         try:
             while True:
                 f.write(b"\0" * 65536)
-                f.flush()
         except OSError:
             pass
     os.truncate(filler, os.path.getsize(filler) - 200_000)
