@@ -163,11 +163,9 @@ def resize_window(image: np.ndarray, label: np.ndarray, nh: int, nw: int, window
     window None = the whole resized image. The same values tf.data's full resize then slice gives."""
     h, w = label.shape
     y0, x0, wh, ww = window or (0, 0, nh, nw)
+    lab = _label_window(label, nh, nw, y0, x0, wh, ww)
     if (nh, nw) == (h, w):
-        return (
-            image[y0 : y0 + wh, x0 : x0 + ww].astype(_F32),
-            label[y0 : y0 + wh, x0 : x0 + ww],
-        )
+        return image[y0 : y0 + wh, x0 : x0 + ww].astype(_F32), lab
     ylo, yhi, yf = _source_coords(h, nh, y0, y0 + wh)
     xlo, xhi, xf = _source_coords(w, nw, x0, x0 + ww)
     xf = xf[None, :, None]
@@ -188,7 +186,6 @@ def resize_window(image: np.ndarray, label: np.ndarray, nh: int, nw: int, window
     out += bottom
     np.round(out, out=out)
     np.clip(out, 0.0, 255.0, out=out)
-    lab = label[_nearest_coords(h, nh, y0, y0 + wh)][:, _nearest_coords(w, nw, x0, x0 + ww)]
     return out, lab
 
 
@@ -201,6 +198,7 @@ def crop_ok(label: np.ndarray, cat_max_ratio: float) -> bool:
 
 
 def _label_window(label, nh, nw, oy, ox, ch, cw):
+    """The window (oy, ox, ch, cw) of the label resized nearest to (nh, nw), for its pixels only."""
     h, w = label.shape
     if (nh, nw) == (h, w):
         return label[oy : oy + ch, ox : ox + cw]
