@@ -19,6 +19,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from segformer_jax import hugepages
 from segformer_jax.xla_options import DEFAULT_COMPILATION_CACHE, enable_compilation_cache
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -72,4 +73,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    hugepages.reexec_with_hugepages()  # the training step 1.4-1.7x faster on CPU (segformer_jax/hugepages.py)
     app.run(main)

@@ -83,9 +83,12 @@ def med(ts) -> float:
     return float(np.median(ts))
 
 
-def run_isolated(script: str, args: list[str], timeout: float = 1800) -> dict:
-    """Run `script args` in a fresh Python; it prints one JSON line prefixed with 'RESULT '."""
-    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+def run_isolated(script: str, args: list[str], timeout: float = 1800, env: dict | None = None) -> dict:
+    """Run `script args` in a fresh Python (with `env`, default: ours); it prints one JSON line prefixed
+    with 'RESULT '."""
+    out = subprocess.run(
+        [sys.executable, script, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
+    )
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])

@@ -16,6 +16,12 @@ Rows, each in a fresh subprocess (so its peak RSS is its own; the whole process,
     torch bf16   the torch loop under torch.autocast("cpu", dtype=torch.bfloat16)
     ours bf16    ours with --config.model.dtype=bfloat16
 
+Our rows run with the huge-page malloc setting that train.py restarts with (segformer_jax/hugepages.py:
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1, where it applies). The torch rows run as a user starts them,
+and once more with the same setting ('torch f32 hugepages', 'torch bf16 hugepages'), so that the table
+shows what the setting alone gives each loop. `--only "ours f32 no hugepages"` (and bf16) runs ours
+without it.
+
     .venv/bin/python benchmarks/train_e2e.py                                  # 1000 steps, float32 + bf16
     .venv/bin/python benchmarks/train_e2e.py --steps 30 --dtype float32       # a quick look
     .venv/bin/python benchmarks/train_e2e.py --data /path/to/camvid           # real photos (train/ val/)
@@ -460,19 +466,24 @@ def summarise(r: dict) -> dict:
     )
 
 
-ROWS = {  # name -> (kind, dtype, block, config overrides of the row)
-    "torch f32": ("torch", "float32", False, ()),
-    "ours f32": ("ours", "float32", False, ()),
-    "ours f32 python input": ("ours", "float32", False, ("data.pipeline=python",)),
-    "ours f32 blocked": ("ours", "float32", True, ()),
-    "torch bf16": ("torch", "bfloat16", False, ()),
-    "ours bf16": ("ours", "bfloat16", False, ()),
-    "ours bf16 blocked": ("ours", "bfloat16", True, ()),
+ROWS = {  # name -> (kind, dtype, block, config overrides of the row, huge-page malloc)
+    "torch f32": ("torch", "float32", False, (), False),
+    "torch f32 hugepages": ("torch", "float32", False, (), True),
+    "ours f32": ("ours", "float32", False, (), True),
+    "ours f32 python input": ("ours", "float32", False, ("data.pipeline=python",), True),
+    "ours f32 no hugepages": ("ours", "float32", False, (), False),
+    "ours f32 blocked": ("ours", "float32", True, (), True),
+    "torch bf16": ("torch", "bfloat16", False, (), False),
+    "torch bf16 hugepages": ("torch", "bfloat16", False, (), True),
+    "ours bf16": ("ours", "bfloat16", False, (), True),
+    "ours bf16 no hugepages": ("ours", "bfloat16", False, (), False),
+    "ours bf16 blocked": ("ours", "bfloat16", True, (), True),
 }
+ONLY_ON_REQUEST = {"ours f32 no hugepages", "ours bf16 no hugepages"}  # ablations: --only
 
 
 def single(args) -> None:
-    kind, args.dtype_one, args.block_one, overrides = ROWS[args.single]
+    kind, args.dtype_one, args.block_one, overrides, _ = ROWS[args.single]
     args.set = [*overrides, *args.set]
     root = args.root
     r = run_torch(args, root) if kind == "torch" else run_ours(args, root)
@@ -513,8 +524,8 @@ def main():
     dtypes = ("float32", "bfloat16") if args.dtype == "all" else (args.dtype,)
     names = [
         n
-        for n, (_, dt, blk, _) in ROWS.items()
-        if dt in dtypes and (args.block or not blk) and (not args.only or n in args.only)
+        for n, (_, dt, blk, _, _) in ROWS.items()
+        if dt in dtypes and (n in args.only if args.only else (not blk or args.block) and n not in ONLY_ON_REQUEST)
     ]
     common = ["--steps", str(args.steps), "--seed", str(args.seed), "--log-every", str(args.log_every), "--root", root]
     if args.set:
@@ -524,10 +535,13 @@ def main():
         f"({root}), {CROP}x{CROP} crops, batch {BATCH}, {args.steps} steps, log every {args.log_every}",
         flush=True,
     )
+    from segformer_jax import hugepages
+
     results = {}
     for name in names:
         t = time.perf_counter()
-        r = run_isolated(__file__, ["--single", name, *common], timeout=max(3600, 10 * args.steps))
+        env = hugepages.environment(enabled=ROWS[name][4])
+        r = run_isolated(__file__, ["--single", name, *common], timeout=max(3600, 10 * args.steps), env=env)
         results[name] = {**summarise(r), "loss": r["loss"], "rss": r["peak_rss_mb"], "run_wall": r["run_wall"]}
         s = results[name]
         print(

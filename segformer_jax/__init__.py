@@ -4,6 +4,7 @@ The package, floor by floor (a floor imports only the floors above it in this li
 
     models/         the network: config and variants, the paper's blocks, encoder, decode head, fast kernels
     fileio.py       all-or-nothing writes;  xla_options.py  XLA flags and the compilation cache
+    hugepages.py    glibc's huge-page malloc setting, which the command-line tools restart with
     data/           datasets (TFDS, folder), the tf.data augmentation recipe, palettes
     pretrained.py   from_pretrained / save_pretrained: Hugging Face, NVlabs and our own checkpoints
     inference/      whole / sliding-window / TTA inference, visualisation

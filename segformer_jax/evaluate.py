@@ -379,4 +379,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from segformer_jax import hugepages
+
+    hugepages.reexec_with_hugepages()  # faster steps on CPU (segformer_jax/hugepages.py)
     app.run(main)

@@ -13,7 +13,13 @@ PACKAGES = ("segformer_jax", "weights_convert")
 
 # Lowest first; a module may import modules of its own floor or lower ones.
 FLOORS = [
-    ("segformer_jax.models", "segformer_jax.fileio", "segformer_jax.xla_options", "segformer_jax._moved"),
+    (
+        "segformer_jax.models",
+        "segformer_jax.fileio",
+        "segformer_jax.xla_options",
+        "segformer_jax.hugepages",
+        "segformer_jax._moved",
+    ),
     ("segformer_jax.data",),
     ("weights_convert", "segformer_jax.pretrained"),
     ("segformer_jax.inference",),

@@ -237,6 +237,7 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, timings: dict |
             print(f"Resuming from checkpoint at step {latest} in {workdir}", flush=True)
     else:
         state = setup.init_state()
+    release_tracing_caches()
     release_freed_memory()  # the init program's compilation
     if is_main:  # after the compatibility check: a refused resume leaves the workdir untouched
         _write_config(config, workdir)
@@ -410,6 +411,20 @@ def _train_and_evaluate(config, workdir: str, stop: StopRequest, timings: dict |
     writer.close()
     manager.close()
     return result
+
+
+def release_tracing_caches() -> None:
+    """Drop jax's staging caches (jaxprs, lowerings): tracing the model for the state's init and
+    shapes leaves ~120 MB there that nothing uses again (the issue-17 run with python input: peak RSS
+    1647 / 1653 MB instead of 1744 / 1738). Compiled programs stay cached: jit's C++ executable caches
+    are kept, unlike `jax.clear_caches()`, so other jitted functions of the process do not recompile.
+    A private jax function; where it is missing, nothing is released."""
+    try:
+        from jax._src import util
+
+        util.clear_all_caches()
+    except (ImportError, AttributeError):
+        pass
 
 
 def release_freed_memory() -> None:
