@@ -11,8 +11,9 @@ Rows, each in a fresh subprocess (so its peak RSS is its own; the whole process,
     torch f32    transformers SegformerForSemanticSegmentation, eager, augmentation in numpy/PIL in the
                  main process (decode, rescale, crop, flip, normalise per step)
     ours f32     segformer_jax.training.train_and_evaluate on configs/folder.py + the recipe's overrides:
-                 what `train.py --config configs/folder.py` runs (tf.data input, eval and export at the end)
-    ours f32 python input   the same with --config.data.pipeline=python (numpy + PIL threads, no TensorFlow)
+                 what `train.py --config configs/folder.py` runs (on the CPU: the python input pipeline,
+                 numpy + PIL threads; eval and export at the end)
+    ours f32 tf.data input  the same with --config.data.pipeline=tf
     torch bf16   the torch loop under torch.autocast("cpu", dtype=torch.bfloat16)
     ours bf16    ours with --config.model.dtype=bfloat16
 
@@ -32,7 +33,7 @@ s/step is the median over log intervals (`--log-every`, train.py's 50) after the
 warm-up) of the interval's wall time / its steps: our loop dispatches asynchronously and only
 waits for the device at the metrics host sync once per interval, so single steps' wall times would
 say how fast steps are queued, not run. Where our time goes, per step: 'input' = blocked in
-next(train_iter) (tf.data), 'dispatch' = the train_step call returning, 'sync' = the metrics to_host
+next(train_iter) (the input pipeline), 'dispatch' = the train_step call returning, 'sync' = the metrics to_host
 per interval (it also waits for the queued steps' compute), 'other' = the rest (device_put of the
 batch, logging). `--block` adds rows of our loop awaiting every step (block_until_ready): then
 'dispatch' is the step's dispatch + compute, and the input wait is no longer overlapped with it.
@@ -470,7 +471,7 @@ ROWS = {  # name -> (kind, dtype, block, config overrides of the row, huge-page 
     "torch f32": ("torch", "float32", False, (), False),
     "torch f32 hugepages": ("torch", "float32", False, (), True),
     "ours f32": ("ours", "float32", False, (), True),
-    "ours f32 python input": ("ours", "float32", False, ("data.pipeline=python",), True),
+    "ours f32 tf.data input": ("ours", "float32", False, ("data.pipeline=tf",), True),
     "ours f32 no hugepages": ("ours", "float32", False, (), False),
     "ours f32 blocked": ("ours", "float32", True, (), True),
     "torch bf16": ("torch", "bfloat16", False, (), False),

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import PIL.Image
 import pytest
@@ -144,7 +145,10 @@ def test_photometric_distortion_is_mmseg_and_deterministic():
 
 def test_pipeline_choice_and_errors(tmp_path):
     cfg = folder_cfg(tmp_path)
-    assert data_config.pipeline_of(cfg) == "tf"  # auto
+    assert jax.default_backend() == "cpu"
+    assert data_config.pipeline_of(cfg) == "python"  # auto: folders on the CPU
+    assert pipelines.pipeline_module(cfg) is pp
+    cfg.pipeline = "tf"
     assert pipelines.pipeline_module(cfg) is ip
     cfg.pipeline = "python"
     assert pipelines.pipeline_module(cfg) is pp

@@ -5,10 +5,10 @@ lists the transforms): random rescale, crop with ``cat_max_ratio`` retries, flip
 distortion, normalisation, padding; eval resize / shrink / align / pad. The arithmetic follows the
 tf.data transforms (float32, the same bilinear and nearest sampling, the same rounding), so an eval
 batch equals tf.data's and a training example differs only by its random draws. Why it exists: not
-importing TensorFlow saves ~0.5 GB of resident memory (the issue-17 b0 run at 256x256 peaks at 1.86-1.91
-GB instead of 2.43-2.44 GB). Why it is not the default: on 2 cores its b0 steps ran 769-857 ms against
-tf.data's 713-789 (benchmarks/train_e2e.py), and tf.data's C++ threads scale on a many-core accelerator
-host where Python threads share one interpreter lock.
+importing TensorFlow saves ~0.5 GB of resident memory (the issue-17 b0 run at 256x256 peaks at 1.80-1.87
+GB instead of 2.35-2.44 GB, at the same step time). It is what ``data.pipeline='auto'`` runs for folders
+when training on the CPU (config.pipeline_of); on accelerator hosts tf.data's C++ threads scale where
+Python threads share one interpreter lock.
 
 Training samples only the crop window of the rescaled image (the label's nearest-neighbour rescale is
 an index lookup, the image's bilinear one is computed for the window's pixels alone), so a 2x rescale
