@@ -62,13 +62,18 @@ def thp_mode(path: str = THP_ENABLED) -> str | None:
     return m.group(1) if m else None
 
 
+def _split_tunables(tunables: str) -> tuple[list[str], list[str]]:
+    """GLIBC_TUNABLES' `name=value` entries: (those setting TUNABLE, the others)."""
+    entries = [e for e in tunables.split(":") if e]
+    ours = [e for e in entries if e.split("=", 1)[0] == TUNABLE]
+    return ours, [e for e in entries if e not in ours]
+
+
 def with_hugepages(tunables: str) -> str | None:
     """GLIBC_TUNABLES `tunables` extended by the huge-page setting; None if it already sets one (the
     user's choice stands, whatever its value)."""
-    entries = [e for e in tunables.split(":") if e]
-    if any(e.split("=", 1)[0] == TUNABLE for e in entries):
-        return None
-    return ":".join([*entries, f"{TUNABLE}={VALUE}"])
+    ours, others = _split_tunables(tunables)
+    return None if ours else ":".join([*others, f"{TUNABLE}={VALUE}"])
 
 
 def why_not() -> str | None:
@@ -92,8 +97,7 @@ def environment(env: dict | None = None, enabled: bool = True) -> dict:
     setting removed from GLIBC_TUNABLES and the restart turned off), for comparisons."""
     env = dict(os.environ if env is None else env)
     if not enabled:
-        kept = [e for e in env.get("GLIBC_TUNABLES", "").split(":") if e and e.split("=", 1)[0] != TUNABLE]
-        env["GLIBC_TUNABLES"] = ":".join(kept)
+        env["GLIBC_TUNABLES"] = ":".join(_split_tunables(env.get("GLIBC_TUNABLES", ""))[1])
         env[OPT_OUT_ENV] = "0"
         return env
     if why_not() is None:
