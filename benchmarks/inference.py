@@ -1,8 +1,11 @@
 """Inference benchmark: segformer-jax (float32, bf16, int8 weight-only) against OpenVINO (f32, bf16)
 and ONNX Runtime (f32) running transformers' model exported to ONNX, transformers eager and
-torch.compile; same weights, same inputs, interleaved in one process. Compile / first-call times,
-medians, ratios, each row's logits against segformer-jax float32 (max-abs difference, argmax
-agreement), and peak RSS from a fresh subprocess per (runtime, case).
+torch.compile; same weights, same inputs. Each runtime is timed in a fresh process of its own (no
+other runtime's worker threads alive beside it), `--rounds` times with the order reversed every other
+round; `--same-process` interleaves them all in one process instead (the earlier method, which read
+segformer-jax ~35% slower beside OpenVINO and ONNX Runtime). Compile / first-call times, medians,
+ratios, each row's logits against segformer-jax float32 (max-abs difference, argmax agreement), and
+each worker's peak RSS over its idle state.
 
 Cases: b0/b2 at 512x512 batch 1 and 8; b0 on a 1024x2048 image by sliding window (crop 1024,
 stride 768: 3 windows, each run at batch 1; window logits averaged at logit resolution).
@@ -23,7 +26,7 @@ package is missing (pip install openvino onnxruntime).
     .venv/bin/python benchmarks/inference.py                      # everything (long)
     .venv/bin/python benchmarks/inference.py --cases 512 --batch 1 --no-compile
     .venv/bin/python benchmarks/inference.py --runtimes jax-f32 jax-bf16 ov-bf16 --variants b0 b2 --cases 512 --batch 1
-    .venv/bin/python benchmarks/inference.py --smoke   # b0, 128x128, batch 1, 3 repeats, no torch.compile / RSS
+    .venv/bin/python benchmarks/inference.py --smoke   # b0, 128x128, batch 1, 3 repeats, one round, no torch.compile
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import os
 import sys
 import tempfile
 import time
+import types
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -97,23 +101,27 @@ class Runtime(NamedTuple):
 
 
 class Context:
-    """One variant's models, and its ONNX exports (one per input shape) in a temporary folder."""
+    """One variant's models, and its ONNX exports (one per input shape) in `onnx_dir` (default: a
+    temporary folder of its own). An export already in the folder is reused: the worker processes of
+    one variant share theirs."""
 
-    def __init__(self, hf, model, variables):
+    def __init__(self, hf, model, variables, onnx_dir: str | None = None):
         self.hf, self.model, self.variables = hf, model, variables
-        self.tmp = tempfile.TemporaryDirectory(prefix="segformer-bench-")
-        self.onnx, self.export_s = {}, {}
+        self.num_labels = (model.config if model is not None else hf.config).num_labels
+        self.tmp = None if onnx_dir else tempfile.TemporaryDirectory(prefix="segformer-bench-")
+        self.onnx_dir = onnx_dir or self.tmp.name
+        self.export_s = {}
 
     def onnx_path(self, shape) -> str:
         shape = tuple(int(s) for s in shape)
-        if shape not in self.onnx:
-            path = os.path.join(self.tmp.name, "x".join(map(str, shape)) + ".onnx")
+        path = os.path.join(self.onnx_dir, "x".join(map(str, shape)) + ".onnx")
+        if not os.path.exists(path):
             self.export_s[shape] = export_hf_onnx(self.hf, shape, path, opset=17)
-            self.onnx[shape] = path
-        return self.onnx[shape]
+        return path
 
     def close(self):
-        self.tmp.cleanup()
+        if self.tmp is not None:
+            self.tmp.cleanup()
 
 
 def nchw(x):
@@ -220,7 +228,7 @@ def runner(kind: str, ctx: Context, x, slide: bool):
         b, h, w, _ = x.shape
         wins = windows(h, w)
         prepared = [rt.prepare(np.ascontiguousarray(x[:, t : t + CROP, left : left + CROP])) for t, left in wins]
-        labels = ctx.model.config.num_labels
+        labels = ctx.num_labels
 
         def run():
             acc = np.zeros((b, labels, h // 4, w // 4), np.float32)
@@ -261,27 +269,155 @@ def available(kinds):
     return out
 
 
-def single(args):
-    import torch
+HF_DIR = "hf"  # the variant's transformers checkpoint, under the work folder
 
-    torch.set_num_threads(os.cpu_count())
-    kind, variant, case, batch, size = args.single.split(",")
+
+def save_variant(ctx: Context) -> None:
+    """Write the variant's transformers checkpoint into the work folder for the worker processes."""
+    ctx.hf.save_pretrained(os.path.join(ctx.onnx_dir, HF_DIR))
+
+
+def worker_context(kind: str, work_dir: str) -> Context:
+    """The models `kind` needs, from the checkpoint `save_variant` wrote: a jax worker never imports
+    torch, an OpenVINO / ONNX Runtime worker loads only the ONNX file (exported by the parent)."""
+    path = os.path.join(work_dir, HF_DIR)
+    hf = model = variables = None
+    if kind.startswith("jax-"):
+        import segformer_jax
+
+        model, variables = segformer_jax.from_pretrained(path)
+    else:
+        import transformers
+
+        config = transformers.SegformerConfig.from_pretrained(path)
+        if kind in ("eager", "compile"):
+            hf = transformers.SegformerForSemanticSegmentation.from_pretrained(path).eval()
+        else:
+            hf = types.SimpleNamespace(config=config)  # the ONNX export is on disk already
+    return Context(hf, model, variables, onnx_dir=work_dir)
+
+
+def worker(args):
+    """One runtime on one case in this fresh process: set-up + first call, `--repeats` timed calls, peak
+    RSS over idle (after loading the weights), logits saved for the parent's agreement columns."""
+    kind, variant, case, batch, size = args.worker.split(",")
+    if kind in ("eager", "compile"):
+        import torch
+
+        torch.set_num_threads(os.cpu_count())
     x, slide = case_input(case, int(batch), int(size))
-    hf, model, variables = make_models(variant)
-    ctx = Context(hf, model, variables)
-    if kind in PACKAGES:
-        ctx.onnx_path(nchw(x[:, :CROP, :CROP] if slide else x).shape)  # the export is set-up, not measured
-    if kind not in ("eager", "compile"):
-        ctx.hf = hf = None
+    ctx = worker_context(kind, args.work_dir)
     gc.collect()
     base = peak_rss_mb()
     reset_peak_rss()
     base = min(base, peak_rss_mb())
-    run, _, _ = runner(kind, ctx, x, slide)
-    for _ in range(2):
-        run()
-    print("RESULT " + json.dumps(dict(peak_rss_mb=peak_rss_mb(), base_mb=base, peak_delta_mb=peak_rss_mb() - base)))
+    run, first_s, info = runner(kind, ctx, x, slide)
+    times = interleaved({kind: run}, args.repeats)[kind]
+    logits = None
+    if args.save_logits:
+        logits = os.path.join(args.work_dir, f"{kind}.npy")
+        np.save(logits, np.asarray(run()))
+    peak = peak_rss_mb()
+    result = dict(
+        times=times,
+        first_s=first_s,
+        info=info,
+        logits=logits,
+        peak_rss_mb=peak,
+        base_mb=base,
+        peak_delta_mb=peak - base,
+    )
+    print("RESULT " + json.dumps(result))
     ctx.close()
+
+
+def repeats_for(args, batch: int, slide: bool) -> int:
+    if args.smoke:
+        return 3
+    if slide:
+        return 2 if args.quick else 3
+    return max(1, int(round(3 / max(batch, 1)))) if args.quick else 5
+
+
+def measure_same_process(args, kinds, ctx, variant, case, batch):
+    """-> per runtime: times, first_s, agreement, rss; all runtimes interleaved in this process."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    x, slide = case_input(case, batch, args.size)
+    runs, first_s, infos = {}, {}, []
+    # The reference is built even when its row is not asked for (then it is not timed).
+    for k in [REFERENCE] + [k for k in kinds if k != REFERENCE]:
+        runs[k], first_s[k], info = runner(k, ctx, x, slide)
+        if info:
+            infos.append(info)
+    reference = np.array(runs[REFERENCE]())
+    agree = {k: logits_agreement(np.array(runs[k]()), reference) for k in kinds}
+    if REFERENCE not in kinds:
+        del runs[REFERENCE]
+    times = interleaved(runs, repeats_for(args, batch, slide))
+    exports = [f"{'x'.join(map(str, s))} {v:.1f} s" for s, v in ctx.export_s.items()]
+    out = {}
+    for k in kinds:
+        rss = None
+        if not args.no_rss:
+            spec = f"{k},{variant},{case},{batch},{args.size}"
+            rss = run_isolated(__file__, ["--worker", spec, "--repeats", "2", "--work-dir", ctx.onnx_dir])
+        out[k] = dict(times=times[k], first_s=first_s[k], rss=rss, round_medians=[], **agree[k])
+    return out, infos, exports
+
+
+def measure_isolated(args, kinds, ctx, variant, case, batch):
+    """-> per runtime: times, first_s, agreement, rss; each runtime timed in a fresh process of its own,
+    `--rounds` times, the order reversed every other round (a process per runtime, so that no other
+    runtime's threads are alive while one is timed)."""
+    x, slide = case_input(case, batch, args.size)
+    if any(k in PACKAGES for k in kinds):
+        ctx.onnx_path(nchw(x[:, :CROP, :CROP] if slide else x).shape)  # exported here, once, for the workers
+    spec = f"{variant},{case},{batch},{args.size}"
+    order = [REFERENCE] + [k for k in kinds if k != REFERENCE]
+    env = None
+    if args.hugepages:
+        from segformer_jax import hugepages
+
+        env = hugepages.environment(dict(os.environ), enabled=True)
+    results = {k: [] for k in order}
+    for r in range(args.rounds):
+        for k in order if r % 2 == 0 else order[::-1]:
+            extra = ["--save-logits"] if r == 0 else []
+            results[k].append(
+                run_isolated(
+                    __file__,
+                    [
+                        "--worker",
+                        f"{k},{spec}",
+                        "--repeats",
+                        str(repeats_for(args, batch, case == "slide")),
+                        "--work-dir",
+                        ctx.onnx_dir,
+                        *extra,
+                    ],
+                    env=env,
+                )
+            )
+    reference = np.load(results[REFERENCE][0]["logits"])
+    out, infos = {}, []
+    for k in kinds:
+        first = results[k][0]
+        agree = logits_agreement(np.load(first["logits"]), reference)
+        times = [t for res in results[k] for t in res["times"]]
+        rss = max(results[k], key=lambda res: res["peak_rss_mb"])
+        out[k] = dict(
+            times=times,
+            first_s=first["first_s"],
+            rss=rss,
+            round_medians=[med(res["times"]) for res in results[k]],
+            **agree,
+        )
+        if first["info"]:
+            infos.append(first["info"])
+    exports = [f"{'x'.join(map(str, s))} {v:.1f} s" for s, v in ctx.export_s.items()]
+    return out, infos, exports
 
 
 def main():
@@ -293,27 +429,50 @@ def main():
     p.add_argument("--size", type=int, default=512, help="side of the square images of the '512' case")
     p.add_argument("--quick", action="store_true", help="fewer repeats")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    p.add_argument(
+        "--same-process",
+        action="store_true",
+        help="time all runtimes interleaved in this one process (the earlier method: another runtime's "
+        "idle worker threads slow the next one down) instead of a fresh process per runtime",
+    )
+    p.add_argument("--rounds", type=int, default=2, help="fresh processes per runtime and case (not --same-process)")
+    p.add_argument("--hugepages", action="store_true", help="run every worker process with glibc.malloc.hugetlb=1")
+    p.add_argument("--no-rss", action="store_true", help="--same-process: skip the peak-RSS subprocesses")
     p.add_argument(
         "--smoke",
         action="store_true",
-        help="a check that the rows run: b0, 128x128, batch 1, 3 repeats, no torch.compile, no RSS",
+        help="a check that the rows run: b0, 128x128, batch 1, 3 repeats, one round, no torch.compile, no RSS",
     )
-    p.add_argument("--single", help=argparse.SUPPRESS)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--repeats", type=int, default=5, help=argparse.SUPPRESS)
+    p.add_argument("--work-dir", help=argparse.SUPPRESS)
+    p.add_argument("--save-logits", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.single:
-        return single(args)
+    if args.worker:
+        return worker(args)
     if args.smoke:
         args.variants, args.cases, args.batch, args.size = ["b0"], ["512"], [1], 128
         args.no_rss = args.no_compile = True
+        args.rounds = 1
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     kinds = available([k for k in args.runtimes if not (k == "compile" and args.no_compile)])
+    print(
+        "timing: "
+        + (
+            "all runtimes interleaved in one process"
+            if args.same_process
+            else f"a fresh process per runtime, {args.rounds} round(s)"
+        )
+        + (", glibc.malloc.hugetlb=1" if args.hugepages else ""),
+        flush=True,
+    )
 
-    import torch
-
-    torch.set_num_threads(os.cpu_count())
     rows = []
     for variant in args.variants:
-        ctx = Context(*make_models(variant))
+        work = tempfile.TemporaryDirectory(prefix="segformer-bench-")
+        ctx = Context(*make_models(variant), onnx_dir=work.name)
+        save_variant(ctx)
         todo = [
             (c, b)
             for c in args.cases
@@ -321,49 +480,36 @@ def main():
             if not (c == "slide" and variant != "b0")
         ]
         for case, batch in todo:
-            x, slide = case_input(case, batch, args.size)
             label = case_label(variant, case, batch, args.size)
-            runs, first_s, infos = {}, {}, []
-            # The reference is built even when its row is not asked for (then it is not timed).
-            for k in [REFERENCE] + [k for k in kinds if k != REFERENCE]:
-                runs[k], first_s[k], info = runner(k, ctx, x, slide)
-                if info:
-                    infos.append(info)
-            reference = np.array(runs[REFERENCE]())
-            agree = {k: logits_agreement(np.array(runs[k]()), reference) for k in kinds}
-            if REFERENCE not in kinds:
-                del runs[REFERENCE]
-            if args.smoke:
-                per = 3
-            elif slide:
-                per = 2 if args.quick else 3
+            if args.same_process:
+                measured, infos, exports = measure_same_process(args, kinds, ctx, variant, case, batch)
             else:
-                per = max(1, int(round(3 / max(batch, 1)))) if args.quick else 5
-            times = interleaved(runs, per)
-            exports = ", ".join(f"{'x'.join(map(str, s))} {v:.1f} s" for s, v in ctx.export_s.items())
+                measured, infos, exports = measure_isolated(args, kinds, ctx, variant, case, batch)
             print(
                 f"\n{label}: compile / first call: "
-                + ", ".join(f"{k} {v:.1f} s" for k, v in first_s.items())
-                + (f"; torch.onnx.export {exports}" if exports else "")
+                + ", ".join(f"{k} {v['first_s']:.1f} s" for k, v in measured.items())
+                + (f"; torch.onnx.export {', '.join(exports)}" if exports else "")
                 + "".join(f"\n  {i}" for i in infos),
                 flush=True,
             )
-            base = {k: med(times[k]) for k, _ in BASELINES if k in times}
+            base = {k: med(measured[k]["times"]) for k, _ in BASELINES if k in measured}
             for k in kinds:
-                rss = None
-                if not args.no_rss:
-                    rss = run_isolated(__file__, ["--single", f"{k},{variant},{case},{batch},{args.size}"])
-                m = med(times[k])
+                r = measured[k]
+                m = med(r["times"])
                 ratios = {b: m / t for b, t in base.items()}
-                rows.append(dict(label=label, kind=k, median=m, ratios=ratios, first_s=first_s[k], rss=rss, **agree[k]))
+                rows.append(dict(label=label, kind=k, median=m, ratios=ratios, **r))
+                rounds = ", ".join(fmt_ms(t) for t in r["round_medians"])
                 print(
-                    f"  {RUNTIMES[k]:29s} median {fmt_ms(m)}  "
-                    + "  ".join(f"x{r:.2f} {b}" for b, r in ratios.items())
-                    + f"  max|d| vs jax f32 {agree[k]['max_abs']:.1e}, argmax {100 * agree[k]['argmax_agreement']:.2f}%"
-                    + (f"  peak RSS {fmt_rss(rss)}" if rss else ""),
+                    f"  {RUNTIMES[k]:29s} median {fmt_ms(m)}"
+                    + (f" (rounds {rounds})" if len(r["round_medians"]) > 1 else "")
+                    + "  "
+                    + "  ".join(f"x{q:.2f} {b}" for b, q in ratios.items())
+                    + f"  max|d| vs jax f32 {r['max_abs']:.1e}, argmax {100 * r['argmax_agreement']:.2f}%"
+                    + (f"  peak RSS {fmt_rss(r['rss'])}" if r["rss"] else ""),
                     flush=True,
                 )
         ctx.close()
+        work.cleanup()
         del ctx
         gc.collect()
 
