@@ -252,9 +252,14 @@ def test_cli_both_directions(hf_dir, tmp_path, tiny_reference, capsys):
     assert cli.main(["to-flax", hf_dir, str(tmp_path / "flax")]) == 0
     assert cli.main(["to-hf", str(tmp_path / "flax"), str(tmp_path / "hf")]) == 0
     reloaded = transformers.SegformerForSemanticSegmentation.from_pretrained(tmp_path / "hf").eval()
+    want, got = tiny_reference.state_dict(), reloaded.state_dict()
+    assert set(got) == set(want)
+    for key, tensor in want.items():
+        assert torch.equal(got[key], tensor), key
     x = images(1, 40, 40, seed=5)
-    # Bit-identical weights (above); two torch model instances may still round differently (kernel choice).
-    assert max_abs_diff(_logits(reloaded, x), _logits(tiny_reference, x)) < 1e-5
+    # Bit-identical weights; the two instances may still pick different kernels and round differently
+    # (1.5e-5 on logits of ~9 seen on an AVX2 CPU), so the logits are checked at the project's 1e-4.
+    assert max_abs_diff(_logits(reloaded, x), _logits(tiny_reference, x)) < 1e-4
     assert cli.main(["to-flax", str(tmp_path / "nope"), str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
