@@ -384,6 +384,8 @@ def measure_isolated(args, kinds, ctx, variant, case, batch):
     results = {k: [] for k in order}
     for r in range(args.rounds):
         for k in order if r % 2 == 0 else order[::-1]:
+            if r > 0 and k not in kinds:
+                continue  # the reference's logits are all it is run for
             extra = ["--save-logits"] if r == 0 else []
             results[k].append(
                 run_isolated(
