@@ -286,14 +286,14 @@ def worker_context(kind: str, work_dir: str) -> Context:
         import segformer_jax
 
         model, variables = segformer_jax.from_pretrained(path)
-    else:
+    elif kind in ("eager", "compile"):
         import transformers
 
-        config = transformers.SegformerConfig.from_pretrained(path)
-        if kind in ("eager", "compile"):
-            hf = transformers.SegformerForSemanticSegmentation.from_pretrained(path).eval()
-        else:
-            hf = types.SimpleNamespace(config=config)  # the ONNX export is on disk already
+        hf = transformers.SegformerForSemanticSegmentation.from_pretrained(path).eval()
+    else:  # the ONNX export is on disk already; importing transformers would import torch
+        with open(os.path.join(path, "config.json")) as f:
+            num_labels = len(json.load(f)["id2label"])
+        hf = types.SimpleNamespace(config=types.SimpleNamespace(num_labels=num_labels))
     return Context(hf, model, variables, onnx_dir=work_dir)
 
 
@@ -340,7 +340,8 @@ def repeats_for(args, batch: int, slide: bool) -> int:
 
 
 def measure_same_process(args, kinds, ctx, variant, case, batch):
-    """-> per runtime: times, first_s, agreement, rss; all runtimes interleaved in this process."""
+    """-> (per runtime: times, first_s, agreement, rss; the runtimes' notes); all runtimes
+    interleaved in this process."""
     import torch
 
     torch.set_num_threads(os.cpu_count())
@@ -356,7 +357,6 @@ def measure_same_process(args, kinds, ctx, variant, case, batch):
     if REFERENCE not in kinds:
         del runs[REFERENCE]
     times = interleaved(runs, repeats_for(args, batch, slide))
-    exports = [f"{'x'.join(map(str, s))} {v:.1f} s" for s, v in ctx.export_s.items()]
     out = {}
     for k in kinds:
         rss = None
@@ -364,13 +364,13 @@ def measure_same_process(args, kinds, ctx, variant, case, batch):
             spec = f"{k},{variant},{case},{batch},{args.size}"
             rss = run_isolated(__file__, ["--worker", spec, "--repeats", "2", "--work-dir", ctx.onnx_dir])
         out[k] = dict(times=times[k], first_s=first_s[k], rss=rss, round_medians=[], **agree[k])
-    return out, infos, exports
+    return out, infos
 
 
 def measure_isolated(args, kinds, ctx, variant, case, batch):
-    """-> per runtime: times, first_s, agreement, rss; each runtime timed in a fresh process of its own,
-    `--rounds` times, the order reversed every other round (a process per runtime, so that no other
-    runtime's threads are alive while one is timed)."""
+    """-> (per runtime: times, first_s, agreement, rss; the runtimes' notes); each runtime timed in
+    a fresh process of its own, `--rounds` times, the order reversed every other round (so that no
+    other runtime's threads are alive while one is timed)."""
     x, slide = case_input(case, batch, args.size)
     if any(k in PACKAGES for k in kinds):
         ctx.onnx_path(nchw(x[:, :CROP, :CROP] if slide else x).shape)  # exported here, once, for the workers
@@ -418,8 +418,7 @@ def measure_isolated(args, kinds, ctx, variant, case, batch):
         )
         if first["info"]:
             infos.append(first["info"])
-    exports = [f"{'x'.join(map(str, s))} {v:.1f} s" for s, v in ctx.export_s.items()]
-    return out, infos, exports
+    return out, infos
 
 
 def main():
@@ -484,9 +483,10 @@ def main():
         for case, batch in todo:
             label = case_label(variant, case, batch, args.size)
             if args.same_process:
-                measured, infos, exports = measure_same_process(args, kinds, ctx, variant, case, batch)
+                measured, infos = measure_same_process(args, kinds, ctx, variant, case, batch)
             else:
-                measured, infos, exports = measure_isolated(args, kinds, ctx, variant, case, batch)
+                measured, infos = measure_isolated(args, kinds, ctx, variant, case, batch)
+            exports = [f"{'x'.join(map(str, s))} {v:.1f} s" for s, v in ctx.export_s.items()]
             print(
                 f"\n{label}: compile / first call: "
                 + ", ".join(f"{k} {v['first_s']:.1f} s" for k, v in measured.items())
