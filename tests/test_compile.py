@@ -116,6 +116,13 @@ def test_real_train_step_compiles_once_and_donates(tiny):
     assert counts[1:] == [0, 0, 0, 0], counts
     assert int(state.step) == 5 and all(np.isfinite(losses))
     assert setup.train_step._cache_size() == 1
+    # A resumed run: the state as a checkpoint restores it (typed by `abstract_state`, no weak types)
+    # runs the same program, so the persistent cache serves it too.
+    restored = jax.tree_util.tree_map(
+        lambda x, like: jax.device_put(np.asarray(x), like.sharding), state, setup.abstract_state
+    )
+    _, counts, _ = _run_counting_compiles(setup.train_step, restored, batches[:1], setup.train_rng)
+    assert counts == [0] and setup.train_step._cache_size() == 1, "a restored state compiles a new step"
 
 
 def test_loop_compiles_the_step_ahead_then_releases_the_compilers_memory(tiny, monkeypatch):

@@ -41,16 +41,6 @@ def data_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """Shared by this process and the train.py subprocesses (compiling dominates a tiny run)."""
-    path = str(tmp_path_factory.mktemp("jax_cache"))
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return path
-
-
 def _config(data_dir):
     config = load_config()
     config.data.data_dir = data_dir

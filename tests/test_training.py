@@ -40,17 +40,6 @@ def data_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """A persistent XLA cache shared by this process and the train.py subprocesses: the same programs
-    are compiled once (compiling dominates a tiny run on 2 CPU cores)."""
-    path = str(tmp_path_factory.mktemp("jax_cache"))
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield path
-
-
 # ----------------------------------------------------------------------------- schedule and optimiser
 
 

@@ -161,9 +161,12 @@ def create_train_state(model, tx, rng, image_shape, variables=None) -> TrainStat
     """Fresh (or pretrained, when `variables` is given) parameters + optimiser state at step 0."""
     if variables is None:
         variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32))
-    return TrainState.create(
+    state = TrainState.create(
         apply_fn=model.apply, params=variables["params"], tx=tx, batch_stats=variables["batch_stats"]
     )
+    # flax's step=0 is a weakly typed int32, a restored checkpoint's a plain one: the train step would
+    # compile a second program after every resume, with the persistent compilation cache missing it.
+    return state.replace(step=jnp.zeros((), jnp.int32))
 
 
 def state_to_tree(state: TrainState) -> dict:
