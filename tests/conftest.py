@@ -12,10 +12,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 # train.py run on a 2-core VM is ~38 s with its programs cached and ~74 s without; a test that builds
 # its own training setup in-process compiles what a fixture's run already compiled. Set
 # SEGFORMER_TEST_XLA_CACHE to a directory to keep the cache between runs (it is then never deleted).
-_OWN_CACHE = "SEGFORMER_TEST_XLA_CACHE" not in os.environ
-if _OWN_CACHE:
-    os.environ["SEGFORMER_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="segformer-jax-tests-xla-")
-    _OWN_CACHE = os.environ["SEGFORMER_TEST_XLA_CACHE"]
+_CACHE_MADE_HERE = None
+if "SEGFORMER_TEST_XLA_CACHE" not in os.environ:
+    _CACHE_MADE_HERE = os.environ["SEGFORMER_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="segformer-jax-tests-xla-")
 SHARED_COMPILATION_CACHE = os.path.abspath(os.path.expanduser(os.environ["SEGFORMER_TEST_XLA_CACHE"]))
 os.environ["JAX_COMPILATION_CACHE_DIR"] = SHARED_COMPILATION_CACHE  # read by jax at import, and by the CLIs
 # (below ~0.1 s, loading an entry saves about what it costs)
@@ -35,11 +34,36 @@ def pytest_configure(config):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 
 
+# The longest modules first (summed test time of a 2-core run, 2026-12-02). With `--dist loadscope
+# --no-loadscope-reorder` (the README's command) each module runs whole on one xdist worker, so its
+# module fixtures (a training run, a compiled model) are built once, and the short modules fill in at
+# the end. (`--dist loadgroup` would not do: pytest-xdist 3.8 tags the node ids the way pytest 9.2 no
+# longer reads, so its groups are ignored.)
+LONGEST_MODULES = (
+    "test_preemption",
+    "test_equivalence",
+    "test_kernels",
+    "test_training",
+    "test_compile",
+    "test_readme_claims",
+    "test_onnx",
+    "test_bf16",
+    "test_pretrained",
+    "test_inference",
+    "test_binary",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: the rest keep their order
+
+
 def pytest_unconfigure(config):
     # Only the process that made the cache removes it (the xdist controller, or a plain run), after
     # every worker has ended.
-    if _OWN_CACHE and not hasattr(config, "workerinput"):
-        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+    if _CACHE_MADE_HERE and not hasattr(config, "workerinput"):
+        shutil.rmtree(_CACHE_MADE_HERE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

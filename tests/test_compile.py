@@ -13,9 +13,6 @@ from jax._src import monitoring
 
 from segformer_jax import SegformerConfig, SegformerForSemanticSegmentation
 
-# One xdist worker runs the whole module (--dist loadgroup): the tiny model, a module fixture, is built once.
-pytestmark = pytest.mark.xdist_group("compile")
-
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 TINY = dict(
     hidden_sizes=(8, 16, 24, 32),

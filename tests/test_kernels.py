@@ -18,9 +18,6 @@ from segformer_jax.models import kernels
 from segformer_jax.models.decode_head import resolve_decode_head_impl, upsample_bilinear
 from segformer_jax.models.layers import DepthwiseConv3x3, resolve_depthwise_impl
 
-# One xdist worker runs the whole module (--dist loadgroup): the deep tiny model, a module fixture, is built once.
-pytestmark = pytest.mark.xdist_group("kernels")
-
 F = torch.nn.functional
 
 DW_SHAPES = [(2, 7, 9, 5), (2, 1, 3, 4), (2, 4, 4, 8), (1, 13, 6, 3)]

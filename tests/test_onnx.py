@@ -18,9 +18,6 @@ from segformer_jax import SegformerConfig, SegformerForSemanticSegmentation  # n
 from segformer_jax.deploy import export  # noqa: E402
 from segformer_jax.pretrained import init_variables, save_pretrained  # noqa: E402
 
-# One xdist worker runs the whole module (--dist loadgroup): the ONNX export, a module fixture, is built once.
-pytestmark = pytest.mark.xdist_group("onnx")
-
 onnxruntime = pytest.importorskip("onnxruntime", reason=export.ONNX_INSTALL_HINT)
 pytest.importorskip("jax2onnx", reason=export.ONNX_INSTALL_HINT)
 

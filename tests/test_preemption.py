@@ -21,9 +21,6 @@ from test_training import REPO, load_config
 
 from segformer_jax import training
 
-# One xdist worker runs the whole module (--dist loadgroup): the baseline run, a module fixture, is built once.
-pytestmark = pytest.mark.xdist_group("preemption")
-
 STEPS = 6
 RUN_FLAGS = [
     f"--config.total_steps={STEPS}",

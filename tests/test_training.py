@@ -18,9 +18,6 @@ import pytest
 from segformer_jax import training
 from segformer_jax.training import optim
 
-# One xdist worker runs the whole module (--dist loadgroup): its train.py run, a module fixture, is built once.
-pytestmark = pytest.mark.xdist_group("training")
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASS_NAMES = ["a", "b", "c", "d"]
 
