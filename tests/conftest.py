@@ -17,8 +17,8 @@ if "SEGFORMER_TEST_XLA_CACHE" not in os.environ:
     _CACHE_MADE_HERE = os.environ["SEGFORMER_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="segformer-jax-tests-xla-")
 SHARED_COMPILATION_CACHE = os.path.abspath(os.path.expanduser(os.environ["SEGFORMER_TEST_XLA_CACHE"]))
 os.environ["JAX_COMPILATION_CACHE_DIR"] = SHARED_COMPILATION_CACHE  # read by jax at import, and by the CLIs
-# (below ~0.1 s, loading an entry saves about what it costs)
-os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.1"
+MIN_COMPILE_SECONDS = 0.1  # below it, loading an entry saves about what it costs
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = str(MIN_COMPILE_SECONDS)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -28,10 +28,9 @@ torch.set_num_threads(2)
 
 def pytest_configure(config):
     if "jax" in sys.modules:  # imported before this file (a plugin): its config already read the environment
-        import jax
+        from segformer_jax.xla_options import enable_compilation_cache
 
-        jax.config.update("jax_compilation_cache_dir", SHARED_COMPILATION_CACHE)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+        enable_compilation_cache(SHARED_COMPILATION_CACHE, MIN_COMPILE_SECONDS)
 
 
 # The longest modules first (summed test time of a 2-core run, 2026-12-02). With `--dist loadscope

@@ -162,7 +162,7 @@ def _learnable_batch(n=4, size=32, seed=0):
     return {"image": images, "label": labels}
 
 
-def test_overfit_one_batch_reduces_loss_tenfold(compile_cache):
+def test_overfit_one_batch_reduces_loss_tenfold():
     config = load_config()
     config.model.drop_path_rate = 0.0
     config.model.classifier_dropout_prob = 0.0
@@ -395,7 +395,7 @@ def test_two_process_run_trains_checkpoints_exports_and_resumes(tmp_path, data_d
 
 
 @pytest.mark.slow  # kill -9 and bit-identical resume also run unmarked in tests/test_preemption.py
-def test_resume_after_kill_is_bit_exact(uninterrupted_run, tmp_path, data_dir, compile_cache):
+def test_resume_after_kill_is_bit_exact(uninterrupted_run, tmp_path, data_dir):
     reference_dir, _ = uninterrupted_run
     workdir = str(tmp_path / "interrupted")
     config = _config_like_run_flags(data_dir)
